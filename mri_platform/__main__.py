@@ -1,0 +1,3 @@
+from mri_platform.cli import app
+
+app(prog_name="mri-platform")

@@ -1,0 +1,50 @@
+import pytest
+
+from mri_platform.config import PRESET_DIR, TrainConfig, build_config, load_preset
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("model", ["ae1", "ae2"])
+def test_every_shipped_preset_builds_a_valid_config(preset, model):
+    config = build_config(preset, model=model)
+    assert config.num_epochs >= 1
+    assert config.noise.variance == 0.2 and config.noise.clip
+
+
+def test_report_preset_is_the_reports_recipe():
+    ae1, ae2 = build_config("report", model="ae1"), build_config("report", model="ae2")
+    assert (ae1.num_epochs, ae2.num_epochs) == (50, 70)
+    assert ae1.batch_size == 32 and ae1.lr == 1e-3
+    assert ae1.model_config.filters == 64 and ae2.model_config.filters == 256
+
+
+def test_defaults_follow_the_report_and_overrides_win():
+    assert TrainConfig(model="ae2").num_epochs == 70
+    config = build_config("demo", model="ae1", epochs=3, workers=1)
+    assert (config.num_epochs, config.workers, config.worker_batch_size) == (3, 1, 32)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"workers": 0}, "workers"),
+        ({"batch_size": 1, "workers": 2}, "batch size"),
+        ({"precision": "fp8"}, "precision"),
+        ({"precision": "fp16"}, "fp16 needs --gpu"),
+        ({"resume": True}, "resume needs the run name"),
+        ({"model": "vae"}, "unknown model"),
+        ({"planes": ("oblique",)}, "planes"),
+    ],
+)
+def test_invalid_settings_are_refused_with_a_reason(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_unknown_preset_and_unknown_fields_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="no preset"):
+        load_preset("nonexistent")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochz: 3\n")
+    with pytest.raises(ValueError, match="unknown fields"):
+        load_preset(str(bad))

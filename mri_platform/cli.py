@@ -1,0 +1,206 @@
+"""`mri-platform`: a thin command line that builds typed configs and calls the platform's modules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split(":")[1].strip())
+
+NoiseVariance = Annotated[
+    float | None, typer.Option(help="Gaussian noise variance (the report: 0.2). Exclusive with --noise-std.")
+]
+NoiseStd = Annotated[float | None, typer.Option(help="Gaussian noise std (the report's code: 0.2 = variance 0.04).")]
+NoiseKind = Annotated[str | None, typer.Option(help="'gaussian' or 'rician' (MRI magnitude noise).")]
+NoClip = Annotated[bool, typer.Option("--no-clip", help="Do not clip noisy images to [0, 1].")]
+TrackingUri = Annotated[
+    str | None,
+    typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite in .state/)."),
+]
+Data = Annotated[str | None, typer.Option(help="'builtin', a folder of JPEG/PNG images, or NIfTI file(s)/folder.")]
+Planes = Annotated[str, typer.Option(help="NIfTI planes to slice, comma-separated: axial,coronal,sagittal.")]
+JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the result as JSON to this file.")]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _noise(variance: float | None, std: float | None, kind: str | None, no_clip: bool, default=None):
+    """A NoiseConfig from the options, or `default` when none was given."""
+    from mri_platform.noise import NoiseConfig
+
+    if variance is not None and std is not None:
+        raise ValueError("give --noise-variance or --noise-std, not both")
+    if variance is None and std is None and kind is None and not no_clip:
+        return default
+    base = default or NoiseConfig()
+    kwargs = {"kind": kind or base.kind, "clip": base.clip and not no_clip}
+    if std is not None:
+        return NoiseConfig.from_std(std, **kwargs)
+    return NoiseConfig(variance=variance if variance is not None else base.variance, **kwargs)
+
+
+def _write_json(path: Path | None, payload: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def train(
+    model: Annotated[str | None, typer.Option(help="ae1 (64 filters) or ae2 (256 filters).")] = None,
+    filters: Annotated[int | None, typer.Option(help="Override the model's filter width.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default: the report's 50 for AE1, 70 for AE2).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers (data-parallel ranks).")] = None,
+    gpu: Annotated[bool | None, typer.Option("--gpu/--cpu", help="One GPU per worker, NCCL, mixed precision.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Global batch size, split across workers.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16 (GPU).")] = None,
+    data: Data = None,
+    planes: Planes = "axial",
+    noise_variance: NoiseVariance = None,
+    noise_std: NoiseStd = None,
+    noise_kind: NoiseKind = None,
+    no_clip: NoClip = False,
+    tracking_uri: TrackingUri = None,
+    storage: Annotated[str | None, typer.Option(help="Checkpoint folder or s3://bucket/prefix.")] = None,
+    preset: Annotated[str | None, typer.Option(help="demo, report, gpu, or a YAML file of settings.")] = None,
+    run_name: Annotated[str | None, typer.Option(help="Name of the Ray Train run (unique by default).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue --run-name from its last checkpoint.")] = False,
+    registered_model: Annotated[str | None, typer.Option(help="Registry name (default mri-denoiser).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of split, weights, augmentation and noise.")] = None,
+    json_out: JsonOut = None,
+) -> None:
+    """Train an autoencoder data-parallel on Ray Train; log, score and register it in MLflow."""
+    from mri_platform.config import build_config
+    from mri_platform.data import DataError
+
+    try:
+        base = build_config(preset)
+        config = build_config(
+            preset,
+            model=model, filters=filters, epochs=epochs, workers=workers, gpu=gpu, batch_size=batch_size, lr=lr,
+            precision=precision, data=data, planes=tuple(planes.split(",")),
+            noise=_noise(noise_variance, noise_std, noise_kind, no_clip, default=base.noise),
+            tracking_uri=tracking_uri, storage=storage, run_name=run_name, resume=resume or None,
+            registered_model=registered_model, seed=seed,
+        )  # fmt: skip
+    except (ValueError, DataError) as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(
+        f"training {config.model.upper()} ({config.model_config.filters} filters) for {config.num_epochs} epochs on "
+        f"{config.workers} {'GPU' if config.gpu else 'CPU'} worker(s), noise {config.noise.describe()}"
+    )
+    from mri_platform.train import fit
+
+    try:
+        result = fit(config)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        raise _fail(str(exc), code=1) from exc
+    metrics = result.metrics
+    typer.secho(
+        f"\nheld-out PSNR {metrics['psnr']:.2f} dB (noisy input {metrics['noisy_psnr']:.2f} dB), "
+        f"SSIM {metrics['ssim']:.3f}, MSE {metrics['mse']:.5f}; best epoch {metrics['best_epoch']}; "
+        f"{metrics['images_per_s']:.0f} img/s; {result.train_time_s:.0f} s",
+        fg=typer.colors.GREEN,
+    )
+    typer.echo(f"MLflow run {result.run_id}; model {result.model_uri}; registered version {result.registered_version}")
+    typer.echo(f"figure: {result.figure_path}")
+    _write_json(json_out, result.to_json())
+
+
+@app.command()
+def evaluate(
+    model_uri: Annotated[
+        str, typer.Option(help="models:/mri-denoiser@champion, models:/NAME/VERSION, or a checkpoint.")
+    ],
+    data: Data = "builtin",
+    planes: Planes = "axial",
+    noise_variance: NoiseVariance = None,
+    noise_std: NoiseStd = None,
+    noise_kind: NoiseKind = None,
+    no_clip: NoClip = False,
+    seed: Annotated[int, typer.Option(help="Seed of the fixed evaluation noise.")] = 1234,
+    baselines: Annotated[bool, typer.Option(help="Also score Gaussian blur, total variation, NL-means.")] = False,
+    figure: Annotated[Path | None, typer.Option(help="Save original / noisy / restored to this PNG.")] = None,
+    tracking_uri: TrackingUri = None,
+    json_out: JsonOut = None,
+) -> None:
+    """Score a model on any data source with fixed-seed noise (default: the noise it was trained against)."""
+    from mri_platform.data import DataError, load_any
+    from mri_platform.evaluate import evaluate as run_evaluation
+
+    try:
+        noise = _noise(noise_variance, noise_std, noise_kind, no_clip)
+        slices = load_any(data, planes=tuple(planes.split(",")))
+        report = run_evaluation(
+            model_uri,
+            slices,
+            noise=noise,
+            seed=seed,
+            baselines=baselines,
+            figure=figure,
+            tracking_uri=tracking_uri,
+        )
+    except (ValueError, DataError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"{report['n_images']} images from {report['data_source']}, noise {report['noise']['description']}")
+    rows = [
+        ("noisy input", report["noisy_psnr"], report["noisy_ssim"]),
+        ("model", report["psnr"], report["ssim"]),
+    ]
+    rows += [(name, s["psnr"], s["ssim"]) for name, s in report.get("baselines", {}).items()]
+    typer.echo(f"{'':18s} {'PSNR dB':>8s} {'SSIM':>6s}")
+    for name, psnr, ssim in rows:
+        typer.echo(f"{name:18s} {psnr:8.2f} {ssim:6.3f}")
+    if report["skipped"]:
+        typer.echo(f"skipped {len(report['skipped'])} unreadable inputs: {report['skipped'][:5]}")
+    _write_json(json_out, report)
+
+
+@app.command()
+def promote(
+    version: Annotated[list[str], typer.Option(help="Candidate registry version(s); repeat to compare several.")],
+    name: Annotated[str, typer.Option(help="Registered model name.")] = "mri-denoiser",
+    data: Data = "builtin",
+    noise_variance: NoiseVariance = None,
+    noise_std: NoiseStd = None,
+    seed: Annotated[int, typer.Option(help="Seed of the fixed evaluation noise.")] = 1234,
+    tracking_uri: TrackingUri = None,
+    json_out: JsonOut = None,
+) -> None:
+    """Move the champion alias to the best candidate, only if it beats the current champion on the same images."""
+    from mri_platform.data import DataError, load_any
+    from mri_platform.evaluate import promote as run_promotion
+
+    try:
+        noise = _noise(noise_variance, noise_std, None, False)
+        outcome = run_promotion(name, version, load_any(data), noise=noise, seed=seed, tracking_uri=tracking_uri)
+    except (ValueError, DataError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from exc
+    for v, s in outcome["scores"].items():
+        typer.echo(f"version {v}: PSNR {s['psnr']:.2f} dB, SSIM {s['ssim']:.3f}")
+    color = typer.colors.GREEN if outcome["promoted"] else typer.colors.YELLOW
+    typer.secho(("promoted: " if outcome["promoted"] else "not promoted: ") + outcome["reason"], fg=color)
+    typer.echo(f"champion: models:/{name}@champion -> version {outcome['champion']}")
+    _write_json(json_out, outcome)
+
+
+@app.command()
+def demo(
+    preset: Annotated[str, typer.Option(help="Preset for both models.")] = "demo",
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """The main job: train AE1 and AE2 on the built-in data, register both, promote the better to champion."""
+    from mri_platform.demo import run_demo
+
+    try:
+        run_demo(preset, tracking_uri)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        raise _fail(str(exc), code=1) from exc

@@ -1,0 +1,192 @@
+"""Scoring models (and classical baselines) on fixed-seed noisy images, and promoting the best to champion.
+
+Every score says which noise made it; the noise is drawn from a fixed seed so two models, or a model and a
+baseline, are compared on identical corrupted images.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mri_platform.checkpoints import FILENAME, checkpoint_noise, load_checkpoint
+from mri_platform.data import SliceSet
+from mri_platform.metrics import mse_per_image, psnr_per_image, ssim_per_image, summarize
+from mri_platform.noise import NoiseConfig, fixed_noisy
+
+EVAL_SEED = 1234  # the same default as TrainConfig.eval_seed: training's validation and `evaluate` agree
+
+
+def load_model(uri_or_path: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A model from a checkpoint file/folder or any MLflow model URI (models:/name@alias, models:/name/3, runs:/...)."""
+    path = Path(uri_or_path)
+    if path.exists():
+        return load_checkpoint(path)
+    if "://" not in uri_or_path and not uri_or_path.startswith("models:/"):
+        raise FileNotFoundError(
+            f"{uri_or_path} is neither an existing checkpoint path nor a model URI "
+            "such as models:/mri-denoiser@champion"
+        )
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from mri_platform.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri_or_path, dst_path=tempfile.mkdtemp())
+    except MlflowException as exc:
+        raise ValueError(f"cannot load {uri_or_path} from the tracking store {uri}: {exc.message}") from exc
+    found = sorted(Path(local).rglob(FILENAME))
+    if not found:
+        raise ValueError(f"{uri_or_path} holds no {FILENAME}: it was not logged by mri-platform")
+    return load_checkpoint(found[0])
+
+
+@torch.inference_mode()
+def restore(model: torch.nn.Module, noisy: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Denoise (N, 1, H, W) images in batches, in fp32 on the CPU."""
+    model.eval()
+    return torch.cat([model(noisy[i : i + batch_size]).float() for i in range(0, len(noisy), batch_size)])
+
+
+def _scores(pred: torch.Tensor, clean: torch.Tensor) -> dict[str, float]:
+    return summarize(
+        mse_per_image(pred, clean).sum().item(),
+        psnr_per_image(pred, clean).sum().item(),
+        ssim_per_image(pred, clean).sum().item(),
+        len(clean),
+    )
+
+
+def score_model(model: torch.nn.Module, slices: SliceSet, noise: NoiseConfig, seed: int = EVAL_SEED) -> dict:
+    """The model's MSE / PSNR / SSIM on `slices` corrupted with fixed-seed noise, beside the noisy input's."""
+    clean = torch.from_numpy(slices.images).unsqueeze(1)
+    noisy = fixed_noisy(clean, noise, seed)
+    scores = _scores(restore(model, noisy), clean)
+    noisy_scores = _scores(noisy.clamp(0, 1), clean)
+    return {
+        **scores,
+        "noisy_psnr": noisy_scores["psnr"],
+        "noisy_ssim": noisy_scores["ssim"],
+        "noisy_mse": noisy_scores["mse"],
+        "n_images": len(clean),
+    }
+
+
+def baseline_scores(slices: SliceSet, noise: NoiseConfig, seed: int = EVAL_SEED) -> dict[str, dict[str, float]]:
+    """Classical denoisers on the same noisy images, their strength set from the known noise level."""
+    from skimage.filters import gaussian
+    from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
+
+    clean = torch.from_numpy(slices.images).unsqueeze(1)
+    noisy = fixed_noisy(clean, noise, seed).numpy()[:, 0].astype(np.float64)
+    std = noise.std
+    methods = {
+        "gaussian_blur": lambda im: gaussian(im, sigma=1.0),
+        "total_variation": lambda im: denoise_tv_chambolle(im, weight=0.5 * std),
+        "non_local_means": lambda im: denoise_nl_means(
+            im, h=0.8 * std, sigma=std, patch_size=5, patch_distance=6, fast_mode=True
+        ),
+    }
+    results = {}
+    for name, method in methods.items():
+        restored = np.stack([np.clip(method(image), 0, 1) for image in noisy]).astype(np.float32)
+        scores = _scores(torch.from_numpy(restored).unsqueeze(1), clean)
+        results[name] = {"psnr": scores["psnr"], "ssim": scores["ssim"], "mse": scores["mse"]}
+    return results
+
+
+def evaluate(
+    model_uri: str,
+    slices: SliceSet,
+    *,
+    noise: NoiseConfig | None = None,
+    seed: int = EVAL_SEED,
+    baselines: bool = False,
+    figure: str | Path | None = None,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """Score a model on a data source; the noise defaults to the noise the model was trained against."""
+    model, meta = load_model(model_uri, tracking_uri)
+    noise = noise or checkpoint_noise(meta)
+    report: dict[str, Any] = {
+        "model_uri": model_uri,
+        "model": meta["model"],
+        "data_source": slices.source,
+        "skipped": [list(item) for item in slices.skipped],
+        "noise": noise.to_dict() | {"std": noise.std, "description": noise.describe()},
+        "seed": seed,
+        **score_model(model, slices, noise, seed),
+    }
+    if baselines:
+        report["baselines"] = baseline_scores(slices, noise, seed)
+    if figure:
+        from mri_platform.figures import comparison_figure
+
+        report["figure"] = str(comparison_figure(model, slices, noise, seed=seed, path=figure))
+    return report
+
+
+def promote(
+    name: str,
+    versions: list[str],
+    slices: SliceSet,
+    *,
+    noise: NoiseConfig | None = None,
+    seed: int = EVAL_SEED,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """Score the candidate versions and the current champion on the same fixed evaluation set, and move the
+    champion alias to the best candidate only if it beats the champion (strictly higher PSNR)."""
+    from mri_platform import tracking
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    current = tracking.champion_version(uri, name)
+    scored: dict[str, dict[str, Any]] = {}
+    models = {}
+    for version in dict.fromkeys([*map(str, versions), *([current] if current else [])]):
+        models[version] = load_model(f"models:/{name}/{version}", uri)
+    if noise is None:
+        noises = {checkpoint_noise(models[str(v)][1]) for v in versions}
+        if len(noises) > 1:
+            raise ValueError(
+                "the candidates were trained against different noise; give --noise-variance or --noise-std "
+                "so that they are compared on one corruption"
+            )
+        noise = noises.pop()
+    for version, (model, _) in models.items():
+        scored[version] = score_model(model, slices, noise, seed)
+    best = max(map(str, versions), key=lambda v: scored[v]["psnr"])
+    promoted = current is None or (best != current and scored[best]["psnr"] > scored[current]["psnr"])
+    if promoted:
+        tracking.set_champion(uri, name, best)
+    if current is None:
+        reason = f"version {best} is the first champion"
+    elif best == current:
+        reason = f"version {best} is already the champion"
+    elif promoted:
+        reason = (
+            f"version {best} beats champion {current}: {scored[best]['psnr']:.2f} > {scored[current]['psnr']:.2f} dB"
+        )
+    else:
+        reason = f"version {best} does not beat champion {current}: {scored[best]['psnr']:.2f} <= " \
+                 f"{scored[current]['psnr']:.2f} dB"  # fmt: skip
+    return {
+        "name": name,
+        "promoted": promoted,
+        "previous_champion": current,
+        "champion": best if promoted else current,
+        "best_candidate": best,
+        "reason": reason,
+        "noise": noise.describe(),
+        "data_source": slices.source,
+        "n_images": len(slices),
+        "scores": {v: {k: s[k] for k in ("psnr", "ssim", "mse")} for v, s in scored.items()},
+    }

@@ -1,0 +1,208 @@
+"""MLflow tracking and registry: runs, per-epoch metrics, logged models, and the `champion` alias.
+
+The embedded default is a sqlite store in the state folder, so nothing has to be started; any tracking server is
+used through `--tracking-uri` or $MLFLOW_TRACKING_URI.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mri_platform.config import state_dir
+
+if TYPE_CHECKING:
+    import torch
+
+    from mri_platform.config import TrainConfig
+
+CHAMPION = "champion"
+RUN_NAME_TAG = "ray_run_name"
+EPOCH_METRICS = (
+    "train_loss",
+    "val_mse",
+    "val_psnr",
+    "val_psnr_pooled",
+    "val_ssim",
+    "images_per_s",
+    "epoch_time_s",
+)
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """An explicit URI, else $MLFLOW_TRACKING_URI, else the embedded sqlite store in the state folder."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    folder = state_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """Get or create the experiment; with the embedded store, artifacts go to the state folder, not the cwd."""
+    mlflow_client = client(uri)
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = (state_dir() / "artifacts").as_uri() if uri.startswith("sqlite:") else None
+    return mlflow_client.create_experiment(name, artifact_location=location)
+
+
+def _params(config: TrainConfig, describe: dict[str, Any], n_params: int) -> dict[str, Any]:
+    data = describe["data"]
+    return {
+        "model": config.model,
+        "filters": config.model_config.filters,
+        "epochs": config.num_epochs,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "noise_kind": config.noise.kind,
+        "noise_variance": config.noise.variance,
+        "noise_std": round(config.noise.std, 6),
+        "noise_clip": config.noise.clip,
+        "data_source": data["source"],
+        "data_fingerprint": data["fingerprint_train"],
+        "n_train": data["n_train"],
+        "n_val": data["n_val"],
+        "image_size": data["size"],
+        "augment": config.augment,
+        "workers": config.workers,
+        "device": "gpu" if config.gpu else "cpu",
+        "precision": config.precision,
+        "channels_last": config.channels_last,
+        "seed": config.seed,
+        "eval_seed": config.eval_seed,
+        "num_parameters": n_params,
+    }
+
+
+def open_training_run(uri: str, config: TrainConfig, run_name: str, describe: dict[str, Any], n_params: int) -> str:
+    """Create the run (or, when resuming, find the run of that Ray run name) and log its parameters."""
+    from mlflow.entities import Param
+
+    mlflow_client = client(uri)
+    exp_id = experiment_id(uri, config.experiment)
+    if config.resume:
+        runs = mlflow_client.search_runs([exp_id], filter_string=f"tags.{RUN_NAME_TAG} = '{run_name}'")
+        if runs:
+            mlflow_client.update_run(runs[0].info.run_id, status="RUNNING")
+            return runs[0].info.run_id
+    tags = {RUN_NAME_TAG: run_name, "model_kind": config.model, "noise": config.noise.describe()}
+    run = mlflow_client.create_run(exp_id, run_name=run_name, tags=tags)
+    params = [Param(k, str(v)) for k, v in _params(config, describe, n_params).items()]
+    mlflow_client.log_batch(run.info.run_id, params=params)
+    return run.info.run_id
+
+
+class EpochLogger:
+    """Logs per-epoch metrics from rank 0 of a Ray Train run into an existing MLflow run."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.client, self.run_id = client(uri), run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        values = [Metric(k, float(metrics[k]), now, step) for k in EPOCH_METRICS if k in metrics]
+        self.client.log_batch(self.run_id, metrics=values)
+
+
+def epoch_history(uri: str, run_id: str) -> list[dict[str, float]]:
+    """Per-epoch metrics of a run as one dict per epoch, in epoch order."""
+    mlflow_client = client(uri)
+    by_step: dict[int, dict[str, float]] = {}
+    for key in EPOCH_METRICS:
+        for metric in mlflow_client.get_metric_history(run_id, key):
+            by_step.setdefault(metric.step, {"epoch": metric.step})[key] = metric.value
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def end_run(uri: str, run_id: str, failed: bool = False) -> None:
+    client(uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def log_final_model(
+    uri: str,
+    run_id: str,
+    model: torch.nn.Module,
+    checkpoint: Path,
+    figure: Path,
+    scores: dict[str, float],
+    config: TrainConfig,
+    best_epoch: int,
+) -> tuple[str, str | None]:
+    """Log the figure, the final scores and the model (with its checkpoint), and register it; (model_uri, version)."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    import mri_platform
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    example = np.zeros((2, 1, 64, 64), dtype=np.float32)  # batch 2: a batch of 1 would freeze the batch dimension
+    with torch.inference_mode():
+        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({f"final_{k}": float(v) for k, v in scores.items()} | {"best_epoch": best_epoch})
+        mlflow.log_artifact(str(figure), artifact_path="figures")
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=example,
+            serialization_format="pickle",
+            code_paths=[str(Path(mri_platform.__file__).parent)],
+            extra_files=[str(checkpoint)],
+            registered_model_name=config.registered_model or None,
+        )
+    version = info.registered_model_version
+    if version is not None:
+        mlflow_client = client(uri)
+        tags = {
+            "model_kind": config.model,
+            "filters": config.model_config.filters,
+            "noise": config.noise.describe(),
+            "noise_kind": config.noise.kind,
+            "noise_variance": config.noise.variance,
+            "noise_clip": config.noise.clip,
+            "data_source": config.data,
+            "psnr": f"{scores['psnr']:.3f}",
+            "ssim": f"{scores['ssim']:.4f}",
+            "run_id": run_id,
+        }
+        for key, value in tags.items():
+            mlflow_client.set_model_version_tag(config.registered_model, str(version), key, str(value))
+        mlflow_client.update_model_version(
+            config.registered_model,
+            str(version),
+            description=f"{config.model.upper()} ({config.model_config.filters} filters), trained against "
+            f"{config.noise.describe()}; held-out PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.3f}",
+        )
+        version = str(version)
+    return info.model_uri, version
+
+
+def champion_version(uri: str, name: str) -> str | None:
+    """The registry version that holds the champion alias, or None when there is none yet."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client(uri).get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        return None
+
+
+def set_champion(uri: str, name: str, version: str) -> None:
+    client(uri).set_registered_model_alias(name, CHAMPION, str(version))

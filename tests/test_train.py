@@ -1,0 +1,152 @@
+"""Training on a real local Ray cluster (one per module), tracked in a real MLflow store."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import psutil
+import pytest
+import torch
+
+from mri_platform import tracking
+from mri_platform.checkpoints import load_checkpoint
+from mri_platform.config import build_config
+from mri_platform.train import fit
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def tiny(tmp_path, **overrides):
+    """A small but real run: a narrow autoencoder on the built-in MRI slices, two CPU workers."""
+    values = {
+        "model": "ae1", "filters": 8, "epochs": 2, "workers": 2, "batch_size": 32, "lr": 3e-3,
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "storage": str(tmp_path / "ckpt"),
+    } | overrides  # fmt: skip
+    return build_config(None, **values)
+
+
+def test_two_workers_train_log_checkpoint_and_register(local_ray, tmp_path):
+    config = tiny(tmp_path, epochs=3)
+    result = fit(config)
+
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert result.history[-1]["val_psnr"] > result.history[0]["val_psnr"]  # it learns
+    assert result.metrics["psnr"] > result.metrics["noisy_psnr"] + 3  # it denoises
+    assert result.registered_version == "1"
+
+    client = tracking.client(config.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.data.params["workers"] == "2" and run.data.params["noise_variance"] == "0.2"
+    assert int(run.data.params["num_parameters"]) > 0
+    assert {"val_psnr", "val_ssim", "val_mse", "images_per_s", "final_psnr"} <= set(run.data.metrics)
+    artifacts = [a.path for a in client.list_artifacts(result.run_id, "figures")]
+    assert artifacts == ["figures/comparison.png"]
+    version = client.get_model_version("mri-denoiser", "1")
+    assert version.tags["model_kind"] == "ae1" and "var=0.2" in version.tags["noise"]
+
+    model, meta = load_checkpoint(result.checkpoint_path)  # describes itself: nothing else needed
+    assert meta["model"]["filters"] == 8 and meta["noise"]["variance"] == 0.2
+    assert meta["data"]["n_train"] > 100 and len(meta["data"]["fingerprint_train"]) == 12
+    assert meta["epoch"] == result.metrics["best_epoch"] and "optimizer" in meta
+    assert model(torch.rand(2, 1, 64, 64)).shape == (2, 1, 64, 64)
+
+
+def test_resume_continues_from_the_last_checkpoint(local_ray, tmp_path):
+    first = fit(tiny(tmp_path, epochs=2, run_name="resumable", registered_model=""))
+    second = fit(tiny(tmp_path, epochs=4, run_name="resumable", resume=True, registered_model=""))
+    assert second.run_id == first.run_id  # the same MLflow run goes on
+    steps = [h["epoch"] for h in second.history]
+    assert steps == [1, 2, 3, 4]  # epochs 1-2 from the first call, 3-4 from the resumed one
+
+
+def _train_workers() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+def test_a_killed_worker_is_replaced_and_the_run_finishes(local_ray, tmp_path):
+    config = tiny(tmp_path, epochs=6, registered_model="")
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", fit(config)))
+    thread.start()
+    deadline = time.monotonic() + 180
+    killed = None
+    while time.monotonic() < deadline and killed is None:
+        time.sleep(0.5)
+        runs = tracking.client(config.tracking_uri).search_runs(
+            [tracking.experiment_id(config.tracking_uri, config.experiment)]
+        )
+        logged = runs and tracking.client(config.tracking_uri).get_metric_history(runs[0].info.run_id, "val_psnr")
+        workers = _train_workers()
+        if logged and workers:
+            killed = workers[-1]
+            killed.kill()  # a process this test's Ray cluster started
+    thread.join(timeout=300)
+    assert killed is not None, "no training worker was seen to kill"
+    assert "result" in outcome, "the run did not survive the lost worker"
+    assert max(h["epoch"] for h in outcome["result"].history) == 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL, mixed precision); none here")
+def test_gpu_training_with_nccl(local_ray, tmp_path):
+    result = fit(tiny(tmp_path, gpu=True, workers=1, registered_model=""))
+    assert result.metrics["psnr"] > result.metrics["noisy_psnr"]
+
+
+def test_checkpoints_on_a_real_s3_server(local_ray, tmp_path, s3_server, monkeypatch):
+    bucket = s3_server.extra["bucket"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.extra["access_key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.extra["secret_key"])
+    result = fit(tiny(tmp_path, storage=f"s3://{bucket}/checkpoints", registered_model=""))
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server.url,
+        aws_access_key_id=s3_server.extra["access_key"],
+        aws_secret_access_key=s3_server.extra["secret_key"],
+        region_name="us-east-1",
+    )
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="checkpoints/")["Contents"]]
+    assert any(k.startswith(f"checkpoints/{result.run_name}/") and k.endswith("checkpoint.pt") for k in keys)
+    assert result.metrics["psnr"] > result.metrics["noisy_psnr"]
+
+
+def test_tracking_to_a_real_mlflow_server(local_ray, tmp_path, mlflow_server):
+    result = fit(tiny(tmp_path, tracking_uri=mlflow_server.url, registered_model="server-denoiser"))
+    client = tracking.client(mlflow_server.url)
+    assert len(client.get_metric_history(result.run_id, "val_psnr")) == 2
+    assert client.get_model_version("server-denoiser", result.registered_version).tags["model_kind"] == "ae1"
+    assert [a.path for a in client.list_artifacts(result.run_id, "figures")] == ["figures/comparison.png"]
+
+
+def test_job_submitted_to_a_real_ray_head(tmp_path, ray_head):
+    out = tmp_path / "job.json"
+    root = Path(__file__).resolve().parents[1]
+    command = [
+        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head.url,
+        "--working-dir", ".", "--",
+        "python", "-m", "mri_platform", "train", "--model", "ae1", "--filters", "8", "--epochs", "1",
+        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage", str(tmp_path / "ckpt"),
+        "--json", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, **ray_head.extra.get("env", {})}
+    # As the README shows: from the repository root, which Ray uploads (minus .gitignore'd paths) as the job's cwd.
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "epoch   1/1" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["registered_version"] == "1" and report["psnr"] > report["noisy_psnr"]

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split(":")[1].strip())
+
+
+@app.callback()
+def _quiet_downloads() -> None:
+    """Denoise brain MRI: train on Ray, track in MLflow, evaluate and promote models."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file floods the terminal
+
 
 NoiseVariance = Annotated[
     float | None, typer.Option(help="Gaussian noise variance (the report: 0.2). Exclusive with --noise-std.")

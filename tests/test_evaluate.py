@@ -1,0 +1,156 @@
+"""`evaluate` and `promote` on real MRI slices, through the command line, with a sqlite MLflow registry."""
+
+import json
+import shutil
+from importlib import resources
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from mri_platform import tracking
+from mri_platform.checkpoints import save_checkpoint
+from mri_platform.cli import app
+from mri_platform.config import build_config
+from mri_platform.data import load_builtin
+from mri_platform.figures import comparison_figure
+from mri_platform.models import DenoisingAutoencoder
+from mri_platform.noise import NoiseConfig
+from mri_platform.train import train_step
+
+runner = CliRunner()
+DESCRIBE = {"noise": NoiseConfig().to_dict(), "epoch": 1, "data": {"source": "builtin"}}
+
+
+def _train_plainly(steps: int, filters: int = 16) -> DenoisingAutoencoder:
+    """A few hundred plain PyTorch steps on the built-in training slices: enough to beat the noisy input."""
+    torch.manual_seed(0)
+    model = DenoisingAutoencoder(filters=filters)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    images = torch.from_numpy(load_builtin()[0].images).unsqueeze(1)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = images[torch.randint(len(images), (32,), generator=generator)]
+        train_step(model, batch, optimizer, NoiseConfig(), generator, amp_dtype=None)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return _train_plainly(steps=150)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained, tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint.pt", trained, **DESCRIBE)
+
+
+@pytest.fixture(scope="module")
+def png_folder(tmp_path_factory):
+    """Real held-out MRI slices written as the Kaggle layout: yes/ and no/, gray and RGB, different sizes."""
+    folder = tmp_path_factory.mktemp("kaggle")
+    held_out = load_builtin()[1]
+    for i, image in enumerate(held_out.images[:12]):
+        picture = Image.fromarray((image * 255).astype(np.uint8))
+        sub = folder / ("yes" if i % 2 else "no")
+        sub.mkdir(exist_ok=True)
+        if i % 3 == 0:
+            picture.convert("RGB").resize((200, 180)).save(sub / f"scan{i}.jpg", quality=95)
+        else:
+            picture.save(sub / f"scan{i}.png")
+    (folder / "no" / "broken.png").write_bytes(b"not a png at all")
+    return folder
+
+
+def test_evaluate_a_checkpoint_on_a_png_folder_with_baselines(checkpoint, png_folder, tmp_path):
+    out, figure = tmp_path / "eval.json", tmp_path / "fig.png"
+    result = runner.invoke(
+        app,
+        ["evaluate", "--model-uri", str(checkpoint), "--data", str(png_folder), "--baselines",
+         "--figure", str(figure), "--json", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["n_images"] == 12
+    assert report["noise"]["variance"] == 0.2 and report["noise"]["clip"] is True
+    assert report["psnr"] > report["noisy_psnr"] + 5
+    assert set(report["baselines"]) == {"gaussian_blur", "total_variation", "non_local_means"}
+    assert all(b["psnr"] > report["noisy_psnr"] for b in report["baselines"].values())
+    assert any("broken.png" in path for path, _ in report["skipped"])
+    assert figure.stat().st_size > 10_000
+    assert "non_local_means" in result.output
+
+
+def test_evaluate_on_a_nifti_volume_at_the_codes_noise_std(checkpoint, tmp_path):
+    volume = tmp_path / "example4d.nii.gz"
+    shutil.copy(resources.files("nibabel") / "tests/data/example4d.nii.gz", volume)
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--model-uri", str(checkpoint), "--data", str(volume), "--noise-std", "0.2", "--json", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["noise"]["variance"] == pytest.approx(0.04)
+    assert report["n_images"] > 10 and report["noisy_psnr"] > 15  # weaker noise than the report's
+    assert report["data_source"].endswith("example4d.nii.gz") or "nifti" in report["data_source"]
+
+
+def test_fixed_noise_makes_evaluation_repeatable(checkpoint, tmp_path):
+    reports = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.json"
+        runner.invoke(app, ["evaluate", "--model-uri", str(checkpoint), "--json", str(out)])
+        reports.append(json.loads(out.read_text()))
+    assert reports[0]["psnr"] == reports[1]["psnr"] and reports[0]["n_images"] == 59
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model-uri", "/nowhere/checkpoint.pt"], "neither an existing checkpoint"),
+        (["--data", "/nowhere/images"], "/nowhere/images"),
+        (["--noise-std", "0.2", "--noise-variance", "0.2"], "not both"),
+    ],
+)
+def test_evaluate_bad_input_says_what_was_wrong(checkpoint, args, message):
+    args = ["evaluate", *(["--model-uri", str(checkpoint)] if "--model-uri" not in args else []), *args]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def _register(uri: str, model: torch.nn.Module, tmp_path, name: str) -> str:
+    config = build_config(None, model="ae1", filters=16, tracking_uri=uri, registered_model="reg-test")
+    exp = tracking.experiment_id(uri, config.experiment)
+    run_id = tracking.client(uri).create_run(exp, run_name=name).info.run_id
+    (tmp_path / name).mkdir()
+    ckpt = save_checkpoint(tmp_path / name / "checkpoint.pt", model, **DESCRIBE)
+    figure = comparison_figure(model, load_builtin()[1], NoiseConfig(), seed=0, path=tmp_path / name / "fig.png")
+    scores = {"psnr": 0.0, "ssim": 0.0}
+    _, version = tracking.log_final_model(uri, run_id, model, ckpt, figure, scores, config, best_epoch=1)
+    return version
+
+
+def test_promote_moves_champion_only_to_a_better_model(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("MRI_PLATFORM_HOME", str(tmp_path / "state"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    untrained = DenoisingAutoencoder(filters=16).eval()
+    weak = _register(uri, untrained, tmp_path, "weak")
+    strong = _register(uri, trained, tmp_path, "strong")
+
+    def promote(version):
+        out = tmp_path / f"promote-{version}.json"
+        args = ["promote", "--name", "reg-test", "--version", version, "--tracking-uri", uri, "--json", str(out)]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return json.loads(out.read_text())
+
+    first = promote(weak)
+    assert first["promoted"] and first["champion"] == weak  # no champion yet: the first candidate takes it
+    second = promote(strong)
+    assert second["promoted"] and second["champion"] == strong
+    assert second["scores"][strong]["psnr"] > second["scores"][weak]["psnr"]
+    third = promote(weak)
+    assert not third["promoted"] and "does not beat" in third["reason"]
+    assert tracking.champion_version(uri, "reg-test") == strong

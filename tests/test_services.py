@@ -1,0 +1,229 @@
+"""The servers start, do their real job on 127.0.0.1, and stop without leaving processes behind."""
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mri_platform import services
+from mri_platform.services import Service
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its parent counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _session_pids(sid: int) -> set[int]:
+    pids = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[3]) == sid:
+                        pids.add(int(entry.name))
+            except (OSError, IndexError):
+                continue
+    return pids
+
+
+def _client_env(service: Service) -> dict[str, str]:
+    """The test's environment without stray Ray settings, plus what the head says a client needs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    return {**env, **service.extra["env"]}
+
+
+def test_free_ports_are_distinct_and_bindable() -> None:
+    import socket
+
+    ports = services.free_ports(5)
+    assert len(set(ports)) == 5
+    with socket.socket() as sock:
+        sock.bind((services.HOST, ports[0]))
+
+
+# ------------------------------------------------------------------------------------------------ S3
+
+
+def test_s3_multipart_upload_reads_back_equal(s3_server: Service) -> None:
+    from pyarrow import fs
+
+    s3 = fs.S3FileSystem(
+        endpoint_override=s3_server.extra["endpoint"],
+        scheme="http",
+        access_key=s3_server.extra["access_key"],
+        secret_key=s3_server.extra["secret_key"],
+        region="us-east-1",
+    )
+    payload = os.urandom(20 * 2**20)
+    key = f"tests/{uuid.uuid4().hex}.bin"
+    with s3.open_output_stream(f"{s3_server.extra['bucket']}/{key}") as out:
+        out.write(payload)
+    with s3.open_input_stream(f"{s3_server.extra['bucket']}/{key}") as src:
+        assert src.read() == payload
+
+    head = services.s3_client(s3_server).head_object(Bucket=s3_server.extra["bucket"], Key=key)
+    assert head["ContentLength"] == len(payload)
+    assert "-" in head["ETag"], f"expected a multipart ETag (md5-parts), got {head['ETag']}"
+
+
+def test_s3_refuses_a_wrong_secret_key(s3_server: Service) -> None:
+    from botocore.exceptions import ClientError
+
+    intruder = Service(**{**vars(s3_server), "extra": {**s3_server.extra, "secret_key": "not-the-secret"}})
+    client = services.s3_client(intruder)
+    key = f"tests/{uuid.uuid4().hex}.txt"
+    with pytest.raises(ClientError) as refused:
+        client.put_object(Bucket=s3_server.extra["bucket"], Key=key, Body=b"x")
+    assert refused.value.response["Error"]["Code"] in {"SignatureDoesNotMatch", "AccessDenied"}
+    listing = services.s3_client(s3_server).list_objects_v2(Bucket=s3_server.extra["bucket"], Prefix=key)
+    assert listing.get("KeyCount", 0) == 0
+
+
+def test_stopping_seaweedfs_is_bounded(state_dir: Callable[[str], Path]) -> None:
+    service = services.start_seaweedfs(state_dir("s3-stop"), bucket=None)
+    assert _alive(service.pid)
+
+    started = time.monotonic()
+    services.stop(service, timeout=2)
+    assert time.monotonic() - started < 2 + 5
+    assert not _alive(service.pid)
+    assert service.leftovers and not any(Path(p).exists() for p in service.leftovers)
+
+    started = time.monotonic()
+    services.stop(service, timeout=2)  # idempotent, and quick when nothing is left
+    assert time.monotonic() - started < 1
+
+
+# -------------------------------------------------------------------------------------------- MLflow
+
+
+def _log_note(client, experiment: str, text: str, folder: Path) -> str:
+    """Log a metric and a text artifact in a new run; return the run id."""
+    run = client.create_run(client.create_experiment(f"{experiment}-{uuid.uuid4().hex[:8]}"))
+    client.log_metric(run.info.run_id, "psnr", 31.5, step=2)
+    note = folder / "note.txt"
+    note.write_text(text)
+    client.log_artifact(run.info.run_id, str(note))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def test_mlflow_server_tracks_metrics_and_serves_artifacts(mlflow_server: Service, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    run_id = _log_note(client, "services", "denoised", tmp_path)
+
+    [metric] = client.get_metric_history(run_id, "psnr")
+    assert (metric.value, metric.step) == (31.5, 2)
+    assert client.get_run(run_id).info.artifact_uri.startswith("mlflow-artifacts:")
+    downloaded = client.download_artifacts(run_id, "note.txt", str(tmp_path / "back"))
+    assert Path(downloaded).read_text() == "denoised"
+    stored = list(Path(mlflow_server.extra["artifacts_destination"]).rglob("note.txt"))
+    assert [p.read_text() for p in stored] == ["denoised"]
+
+
+def test_mlflow_server_keeps_artifacts_in_s3_without_client_credentials(
+    s3_server: Service, state_dir: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    for name in list(os.environ):
+        if name.startswith("AWS_") or name == "MLFLOW_S3_ENDPOINT_URL":
+            monkeypatch.delenv(name)
+    # No credentials file either: only the server can reach the bucket.
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    bucket = s3_server.extra["bucket"]
+    server = services.start_mlflow_server(
+        state_dir("mlflow-s3"), artifacts_destination=f"s3://{bucket}/mlflow", s3=s3_server
+    )
+    try:
+        client = MlflowClient(tracking_uri=server.url)
+        run_id = _log_note(client, "s3-artifacts", "on seaweedfs", tmp_path)
+        downloaded = client.download_artifacts(run_id, "note.txt", str(tmp_path / "back"))
+        assert Path(downloaded).read_text() == "on seaweedfs"
+    finally:
+        services.stop(server)
+
+    s3 = services.s3_client(s3_server)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="mlflow/").get("Contents", [])]
+    [key] = [k for k in keys if run_id in k and k.endswith("/note.txt")]
+    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == b"on seaweedfs"
+
+
+def test_a_failed_start_raises_with_the_log(state_dir: Callable[[str], Path]) -> None:
+    with pytest.raises(RuntimeError, match="exited with status") as failed:
+        services.start_mlflow_server(state_dir("mlflow-bad"), backend_store_uri="nosuchdb://nowhere")
+    assert "nosuchdb" in str(failed.value)  # the log's tail names the problem
+
+
+# ----------------------------------------------------------------------------------------------- Ray
+
+
+def test_ray_job_runs_with_the_head_token(ray_head: Service, tmp_path: Path) -> None:
+    (tmp_path / "script.py").write_text("import sys\nprint('denoiser job says', 6 * 7, sys.prefix)\n")
+    cmd = [RAY, "job", "submit", "--address", ray_head.url, "--working-dir", str(tmp_path)]
+    done = subprocess.run(
+        [*cmd, "--", "python", "script.py"],
+        env=_client_env(ray_head),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"denoiser job says 42 {sys.prefix}" in done.stdout  # and it ran the project's Python
+
+    anonymous = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    anonymous["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
+    refused = subprocess.run(
+        [*cmd, "--", "python", "script.py"], env=anonymous, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode != 0
+    assert "authentication" in (refused.stdout + refused.stderr).lower()
+    assert "denoiser job says" not in refused.stdout
+
+
+def test_stopping_ray_leaves_none_of_its_processes(state_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    head = services.start_ray_head(state_dir("ray-stop"), num_cpus=1)
+    head_pids: set[int] = set()
+    try:
+        pid_file = tmp_path / "driver.pid"
+        (tmp_path / "sleeper.py").write_text(
+            f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(600)\n"
+        )
+        submit = [RAY, "job", "submit", "--no-wait", "--address", head.url, "--working-dir", str(tmp_path)]
+        done = subprocess.run(
+            [*submit, "--", "python", "sleeper.py"],
+            env=_client_env(head),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pid_file.exists(), "the job's driver did not start within 60 s"
+        driver = int(pid_file.read_text())
+        # The job's driver runs in a session of its own, outside the head's: stop must still find it.
+        head_pids = _session_pids(head.pid) | {driver}
+        assert driver not in _session_pids(head.pid) and _alive(driver)
+        assert len(head_pids) > 5  # GCS, raylet, dashboard, agents, workers
+    finally:
+        services.stop(head)
+    assert [pid for pid in head_pids if _alive(pid)] == []

@@ -7,6 +7,7 @@ scores, logs and registers the best checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -93,6 +94,16 @@ def evaluate_batches(
 
 
 # ----------------------------------------------------------------------------------------------- Ray worker
+def _quiet_ray_train_reports() -> None:
+    """Ray 2.60 logs every report (all metrics, every rank) at INFO under a logger named by its file path, which
+    LoggingConfig(log_level) does not filter; our per-epoch line says the same in one row."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray version: nothing to quiet
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: DDP training, per-epoch validation, checkpoints and MLflow epoch metrics."""
     import ray
@@ -104,6 +115,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     from mri_platform.tracking import EpochLogger
 
     config = TrainConfig(**cfg["config"])
+    _quiet_ray_train_reports()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config.cpus_per_worker)

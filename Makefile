@@ -28,6 +28,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(ISOLATED) $(VENV)/bin/python benchmarks/train_throughput.py
+	$(ISOLATED) $(VENV)/bin/python benchmarks/report_table.py
+	$(ISOLATED) $(VENV)/bin/python benchmarks/report_table.py
 
 clean:
 	rm -rf $(VENV) .state

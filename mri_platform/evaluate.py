@@ -168,7 +168,7 @@ def promote(
     if promoted:
         tracking.set_champion(uri, name, best)
     if current is None:
-        reason = f"version {best} is the first champion"
+        reason = f"version {best} (best of {', '.join(map(str, versions))}) is the first champion"
     elif best == current:
         reason = f"version {best} is already the champion"
     elif promoted:

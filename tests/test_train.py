@@ -139,7 +139,7 @@ def test_job_submitted_to_a_real_ray_head(tmp_path, ray_head):
     command = [
         str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head.url,
         "--working-dir", ".", "--",
-        "python", "-m", "mri_platform", "train", "--model", "ae1", "--filters", "8", "--epochs", "1",
+        "python", "-m", "mri_platform", "train", "--model", "ae1", "--filters", "8", "--epochs", "2", "--lr", "0.003",
         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage", str(tmp_path / "ckpt"),
         "--json", str(out),
     ]  # fmt: skip
@@ -147,6 +147,6 @@ def test_job_submitted_to_a_real_ray_head(tmp_path, ray_head):
     # As the README shows: from the repository root, which Ray uploads (minus .gitignore'd paths) as the job's cwd.
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "epoch   1/1" in done.stdout
+    assert "epoch   2/2" in done.stdout
     report = json.loads(out.read_text())
     assert report["registered_version"] == "1" and report["psnr"] > report["noisy_psnr"]

@@ -184,12 +184,12 @@ def promote(
     json_out: JsonOut = None,
 ) -> None:
     """Move the champion alias to the best candidate, only if it beats the current champion on the same images."""
-    from mri_platform.data import DataError, load_any
+    from mri_platform.data import DataError, load_splits
     from mri_platform.evaluate import promote as run_promotion
 
     try:
         noise = _noise(noise_variance, noise_std, None, False)
-        outcome = run_promotion(name, version, load_any(data), noise=noise, seed=seed, tracking_uri=tracking_uri)
+        outcome = run_promotion(name, version, load_splits(data)[1], noise=noise, seed=seed, tracking_uri=tracking_uri)
     except (ValueError, DataError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from exc
     for v, s in outcome["scores"].items():
@@ -212,3 +212,70 @@ def demo(
         run_demo(preset, tracking_uri)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise _fail(str(exc), code=1) from exc
+
+
+def _int_list(text: str | None) -> list[int] | None:
+    return [int(v) for v in text.split(",")] if text else None
+
+
+def _pair(text: str | None, kind: type) -> tuple | None:
+    if not text:
+        return None
+    parts = text.replace("-", ",", 1).split(",") if kind is int else text.split(",")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise ValueError(f"expected LOW,HIGH, got {text!r}")
+    return tuple(kind(p) for p in parts)
+
+
+@app.command()
+def tune(
+    preset: Annotated[str | None, typer.Option(help="Search preset: demo, full, or a YAML file.")] = None,
+    filters: Annotated[str | None, typer.Option(help="Widths to choose from, e.g. 32,64,128,256.")] = None,
+    epochs: Annotated[str | None, typer.Option(help="Epoch range LOW-HIGH, e.g. 50-70.")] = None,
+    lr: Annotated[str | None, typer.Option(help="Learning-rate range LOW,HIGH (log-uniform).")] = None,
+    samples: Annotated[int | None, typer.Option(help="Number of trials.")] = None,
+    workers_per_trial: Annotated[int | None, typer.Option(help="Ray Train workers per trial.")] = None,
+    gpus_per_worker: Annotated[float | None, typer.Option(help="GPUs per worker (0: CPUs).")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(help="Trials at once (default: what fits).")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="asha (early stopping) or fifo.")] = None,
+    grace_period: Annotated[int | None, typer.Option(help="ASHA: epochs before a trial may be stopped.")] = None,
+    reduction_factor: Annotated[int | None, typer.Option(help="ASHA: keep 1/N of trials per rung.")] = None,
+    search: Annotated[str | None, typer.Option(help="optuna (TPE, seeded) or random.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the search algorithm.")] = None,
+    data: Data = None,
+    noise_variance: NoiseVariance = None,
+    noise_std: NoiseStd = None,
+    tracking_uri: TrackingUri = None,
+    storage: Annotated[str | None, typer.Option(help="Checkpoint folder or s3://bucket/prefix.")] = None,
+    name: Annotated[str | None, typer.Option(help="Sweep name (default: unique); --resume continues it.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the sweep --name where it stopped.")] = False,
+    registered_model: Annotated[str, typer.Option(help="Registry name.")] = "mri-denoiser",
+    json_out: JsonOut = None,
+) -> None:
+    """Search width, epochs and learning rate with Ray Tune (each trial a Ray Train run); promote the best."""
+    from mri_platform.data import DataError
+    from tuning.search import build_search, print_table, run_search
+
+    try:
+        config = build_search(
+            preset, filters=_int_list(filters), epochs=_pair(epochs, int), lr=_pair(lr, float), samples=samples,
+            workers_per_trial=workers_per_trial, gpus_per_worker=gpus_per_worker, max_concurrent=max_concurrent,
+            scheduler=scheduler, grace_period=grace_period, reduction_factor=reduction_factor, search=search, seed=seed,
+        )  # fmt: skip
+        noise = _noise(noise_variance, noise_std, None, False)
+        overrides = {"data": data, "noise": noise, "tracking_uri": tracking_uri, "storage": storage}
+        summary = run_search(
+            config,
+            {k: v for k, v in overrides.items() if v is not None},
+            name=name,
+            resume=resume,
+            registered_model=registered_model,
+        )
+    except (ValueError, DataError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from exc
+    except RuntimeError as exc:
+        raise _fail(str(exc), code=1) from exc
+    print_table(summary)
+    _write_json(json_out, summary)

@@ -47,7 +47,9 @@ class TrainConfig:
     cpus_per_worker: int = 1
     """CPUs each worker reserves; it also sets the worker's torch threads."""
     gpu: bool = False
-    """Train on GPUs (one per worker, NCCL, mixed precision)."""
+    """Train on GPUs (NCCL, mixed precision)."""
+    gpus_per_worker: float = 1.0
+    """GPUs each worker reserves with `gpu` (a fraction lets small models share a GPU)."""
     precision: str = "auto"
     """'auto' (bf16 autocast where the hardware has it, fp32 otherwise), 'fp32', 'bf16' or 'fp16' (GPU only)."""
     channels_last: bool = True
@@ -91,6 +93,7 @@ class TrainConfig:
             (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
             (self.cpus_per_worker >= 1, f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}"),
+            (0 < self.gpus_per_worker <= 8, f"gpus_per_worker must be in (0, 8], got {self.gpus_per_worker}"),
             (self.batch_size >= self.workers, f"batch size {self.batch_size} < {self.workers} workers"),
             (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),

@@ -85,7 +85,14 @@ def _params(config: TrainConfig, describe: dict[str, Any], n_params: int) -> dic
     }
 
 
-def open_training_run(uri: str, config: TrainConfig, run_name: str, describe: dict[str, Any], n_params: int) -> str:
+def open_training_run(
+    uri: str,
+    config: TrainConfig,
+    run_name: str,
+    describe: dict[str, Any],
+    n_params: int,
+    parent_run_id: str | None = None,
+) -> str:
     """Create the run (or, when resuming, find the run of that Ray run name) and log its parameters."""
     from mlflow.entities import Param
 
@@ -97,6 +104,8 @@ def open_training_run(uri: str, config: TrainConfig, run_name: str, describe: di
             mlflow_client.update_run(runs[0].info.run_id, status="RUNNING")
             return runs[0].info.run_id
     tags = {RUN_NAME_TAG: run_name, "model_kind": config.model, "noise": config.noise.describe()}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id  # shows as a nested run under the sweep in the MLflow UI
     run = mlflow_client.create_run(exp_id, run_name=run_name, tags=tags)
     params = [Param(k, str(v)) for k, v in _params(config, describe, n_params).items()]
     mlflow_client.log_batch(run.info.run_id, params=params)
@@ -131,17 +140,28 @@ def end_run(uri: str, run_id: str, failed: bool = False) -> None:
     client(uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
-def log_final_model(
+def log_results(uri: str, run_id: str, scores: dict[str, float], figure: Path, best_epoch: int) -> None:
+    """The final held-out scores (as final_*) and the original / noisy / restored figure."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    values = [Metric(f"final_{k}", float(v), now, 0) for k, v in scores.items()] + [
+        Metric("best_epoch", float(best_epoch), now, 0)
+    ]
+    mlflow_client = client(uri)
+    mlflow_client.log_batch(run_id, metrics=values)
+    mlflow_client.log_artifact(run_id, str(figure), artifact_path="figures")
+
+
+def log_model(
     uri: str,
     run_id: str,
     model: torch.nn.Module,
     checkpoint: Path,
-    figure: Path,
     scores: dict[str, float],
     config: TrainConfig,
-    best_epoch: int,
 ) -> tuple[str, str | None]:
-    """Log the figure, the final scores and the model (with its checkpoint), and register it; (model_uri, version)."""
+    """Log the model (with its checkpoint inside) to the run and register it; returns (model_uri, version)."""
     import mlflow
     import numpy as np
     import torch
@@ -155,8 +175,6 @@ def log_final_model(
     with torch.inference_mode():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({f"final_{k}": float(v) for k, v in scores.items()} | {"best_epoch": best_epoch})
-        mlflow.log_artifact(str(figure), artifact_path="figures")
         info = mlflow.pytorch.log_model(
             model,
             name="model",
@@ -169,29 +187,89 @@ def log_final_model(
         )
     version = info.registered_model_version
     if version is not None:
-        mlflow_client = client(uri)
-        tags = {
-            "model_kind": config.model,
-            "filters": config.model_config.filters,
-            "noise": config.noise.describe(),
-            "noise_kind": config.noise.kind,
-            "noise_variance": config.noise.variance,
-            "noise_clip": config.noise.clip,
-            "data_source": config.data,
-            "psnr": f"{scores['psnr']:.3f}",
-            "ssim": f"{scores['ssim']:.4f}",
-            "run_id": run_id,
-        }
-        for key, value in tags.items():
-            mlflow_client.set_model_version_tag(config.registered_model, str(version), key, str(value))
-        mlflow_client.update_model_version(
-            config.registered_model,
-            str(version),
-            description=f"{config.model.upper()} ({config.model_config.filters} filters), trained against "
-            f"{config.noise.describe()}; held-out PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.3f}",
-        )
         version = str(version)
+        _describe_version(uri, config, version, scores, run_id)
     return info.model_uri, version
+
+
+def _describe_version(uri: str, config: TrainConfig, version: str, scores: dict[str, float], run_id: str) -> None:
+    mlflow_client = client(uri)
+    tags = {
+        "model_kind": config.model,
+        "filters": config.model_config.filters,
+        "noise": config.noise.describe(),
+        "noise_kind": config.noise.kind,
+        "noise_variance": config.noise.variance,
+        "noise_clip": config.noise.clip,
+        "data_source": config.data,
+        "psnr": f"{scores['psnr']:.3f}",
+        "ssim": f"{scores['ssim']:.4f}",
+        "run_id": run_id,
+    }
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(config.registered_model, version, key, str(value))
+    mlflow_client.update_model_version(
+        config.registered_model,
+        version,
+        description=f"{config.model.upper()} ({config.model_config.filters} filters), trained against "
+        f"{config.noise.describe()}; held-out PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.3f}",
+    )
+
+
+def open_sweep_run(uri: str, experiment: str, name: str, search: Any, resume: bool = False) -> str:
+    """The parent run of a Tune sweep (found again by name when resuming), with the search space and budget."""
+    from mlflow.entities import Param
+
+    mlflow_client = client(uri)
+    exp_id = experiment_id(uri, experiment)
+    if resume:
+        runs = mlflow_client.search_runs([exp_id], filter_string=f"tags.sweep_name = '{name}'")
+        if runs:
+            mlflow_client.update_run(runs[0].info.run_id, status="RUNNING")
+            return runs[0].info.run_id
+    run = mlflow_client.create_run(exp_id, run_name=name, tags={"sweep_name": name, "kind": "sweep"})
+    params = [Param(k, str(v)) for k, v in search.to_dict().items()]
+    mlflow_client.log_batch(run.info.run_id, params=params)
+    return run.info.run_id
+
+
+def tag_trials(uri: str, experiment: str, sweep_name: str, trials: list[dict[str, Any]]) -> None:
+    """Record each trial's stop reason on its nested run, and close runs that Tune stopped or that failed."""
+    mlflow_client = client(uri)
+    exp_id = experiment_id(uri, experiment)
+    for trial in trials:
+        runs = mlflow_client.search_runs([exp_id], filter_string=f"tags.{RUN_NAME_TAG} = '{trial['run_name']}'")
+        if not runs:
+            continue
+        run = runs[0]
+        trial["run_id"] = run.info.run_id
+        if trial["error"]:
+            reason, status = f"failed: {trial['error']}", "FAILED"
+        elif trial["stopped_early"]:
+            reason, status = f"stopped early by the scheduler after epoch {trial['epochs_run']}", "KILLED"
+        else:
+            reason, status = f"completed {trial['epochs_run']} epochs", "FINISHED"
+        mlflow_client.set_tag(run.info.run_id, "stop_reason", reason)
+        mlflow_client.set_tag(run.info.run_id, "trial_id", trial["trial_id"])
+        if run.info.status == "RUNNING":
+            mlflow_client.set_terminated(run.info.run_id, status=status)
+
+
+def close_sweep_run(uri: str, run_id: str, summary: dict[str, Any]) -> None:
+    """Best configuration and sweep totals on the parent run, plus the whole summary as JSON."""
+    from mlflow.entities import Metric, Param
+
+    mlflow_client = client(uri)
+    now = int(time.time() * 1000)
+    totals = {k: summary[k] for k in ("n_trials", "n_stopped_early", "n_failed", "elapsed_s")}
+    if summary["best_psnr"] is not None:
+        totals["best_psnr"] = summary["best_psnr"]
+    params = [Param(f"best_{k}", str(v)) for k, v in (summary["best_config"] or {}).items()]
+    existing = mlflow_client.get_run(run_id).data.params
+    params = [p for p in params if p.key not in existing]  # params are immutable: a resumed sweep keeps the first
+    mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in totals.items()], params=params)
+    mlflow_client.log_dict(run_id, summary, "sweep.json")
+    mlflow_client.set_terminated(run_id, status="FINISHED")
 
 
 def champion_version(uri: str, name: str) -> str | None:

@@ -248,6 +248,11 @@ def resolve_storage(storage: str | None) -> tuple[str, Any]:
     return storage.removeprefix("s3://").rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
 
 
+def worker_resources(config: TrainConfig) -> dict[str, float]:
+    """What one Ray Train worker reserves."""
+    return {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.gpu else {})}
+
+
 def _init_ray(config: TrainConfig) -> None:
     import ray
 
@@ -261,15 +266,26 @@ def _init_ray(config: TrainConfig) -> None:
             f"{config.workers} workers x {config.cpus_per_worker} CPU need {need_cpu} CPUs, but the Ray cluster has "
             f"{available.get('CPU', 0):g}: lower --workers or add nodes"
         )
-    if config.gpu and available.get("GPU", 0) < config.workers:
+    need_gpu = config.workers * config.gpus_per_worker
+    if config.gpu and available.get("GPU", 0) < need_gpu:
         raise RuntimeError(
-            f"--gpu with {config.workers} workers needs {config.workers} GPUs, but the Ray cluster has "
+            f"--gpu with {config.workers} workers needs {need_gpu:g} GPUs, but the Ray cluster has "
             f"{available.get('GPU', 0):g}; run without --gpu on CPU machines"
         )
 
 
-def fit(config: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
-    """Train one model with Ray Train, then log, score and register its best checkpoint in MLflow."""
+def fit(
+    config: TrainConfig,
+    *,
+    callbacks: list | None = None,
+    parent_run_id: str | None = None,
+    log_model: bool = True,
+) -> TrainResult:
+    """Train one model with Ray Train, then score its best checkpoint and log it to MLflow.
+
+    With `log_model` the model is logged and registered (unless `config.registered_model` is empty); a Tune trial
+    passes False and its parent run, and the sweep logs only the best trial's model.
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -299,9 +315,8 @@ def fit(config: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
         "run_name": run_name,
     }
     uri = tracking.resolve_tracking_uri(config.tracking_uri)
-    run_id = tracking.open_training_run(
-        uri, config, run_name, describe, num_parameters(build_model(config.model_config))
-    )
+    n_params = num_parameters(build_model(config.model_config))
+    run_id = tracking.open_training_run(uri, config, run_name, describe, n_params, parent_run_id)
     print(f"MLflow run {run_id} in experiment {config.experiment!r} at {uri}", flush=True)
 
     _init_ray(config)
@@ -319,7 +334,7 @@ def fit(config: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.workers,
             use_gpu=config.gpu,
-            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.gpu else {})},
+            resources_per_worker=worker_resources(config),
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
@@ -328,7 +343,9 @@ def fit(config: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order="max"
             ),
-            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            # controller_failure_limit: give up after ~10 one-minute waits for workers that never start, instead of
+            # waiting forever (an autoscaler has that long to add nodes).
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures, controller_failure_limit=10),
             callbacks=callbacks,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # per-epoch lines are ours
         ),
@@ -353,9 +370,11 @@ def fit(config: TrainConfig, *, callbacks: list | None = None) -> TrainResult:
     scores = score_model(model, val_set, config.noise, seed=config.eval_seed)
     figure = comparison_figure(model, val_set, config.noise, seed=config.eval_seed, path=local_dir / "comparison.png")
     history = [dict(m) for m in tracking.epoch_history(uri, run_id)]
-    model_uri, version = tracking.log_final_model(
-        uri, run_id, model, local_dir / FILENAME, figure, scores, config, best_epoch=int(meta["epoch"])
-    )
+    tracking.log_results(uri, run_id, scores, figure, best_epoch=int(meta["epoch"]))
+    model_uri, version = None, None
+    if log_model:
+        model_uri, version = tracking.log_model(uri, run_id, model, local_dir / FILENAME, scores, config)
+    tracking.end_run(uri, run_id)
     return TrainResult(
         run_id=run_id,
         run_name=run_name,

@@ -35,7 +35,8 @@ def mlflow_server(state_dir: Callable[[str], Path]) -> Iterator[Service]:
 @pytest.fixture(scope="session")
 def ray_head(state_dir: Callable[[str], Path]) -> Iterator[Service]:
     """A Ray head (2 CPUs) with its job server at ``url``; ``extra["env"]`` authenticates a client."""
-    service = services.start_ray_head(state_dir("ray"), num_cpus=2)
+    # TRAIN_DRIVER: the resource Tune trial drivers reserve instead of a CPU (see tuning/search.py)
+    service = services.start_ray_head(state_dir("ray"), num_cpus=2, resources={"TRAIN_DRIVER": 8})
     yield service
     services.stop(service)
 

@@ -128,7 +128,8 @@ def _register(uri: str, model: torch.nn.Module, tmp_path, name: str) -> str:
     ckpt = save_checkpoint(tmp_path / name / "checkpoint.pt", model, **DESCRIBE)
     figure = comparison_figure(model, load_builtin()[1], NoiseConfig(), seed=0, path=tmp_path / name / "fig.png")
     scores = {"psnr": 0.0, "ssim": 0.0}
-    _, version = tracking.log_final_model(uri, run_id, model, ckpt, figure, scores, config, best_epoch=1)
+    tracking.log_results(uri, run_id, scores, figure, best_epoch=1)
+    _, version = tracking.log_model(uri, run_id, model, ckpt, scores, config)
     return version
 
 

@@ -1,0 +1,154 @@
+"""Ray Tune over Ray Train on a real local Ray cluster, with nested MLflow runs and promotion."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mri_platform import tracking
+from tuning.search import PRESET_DIR, SearchConfig, _concurrency, build_search, run_search
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+def test_every_search_preset_builds(preset):
+    config = build_search(preset)
+    assert config.samples >= 1 and config.epochs[0] <= config.epochs[1]
+
+
+def test_default_space_covers_the_reports_widths_and_epochs():
+    from ray import tune
+
+    config = SearchConfig()
+    assert {64, 256} <= set(config.filters) and config.epochs == (50, 70)
+    space = config.space()
+    assert isinstance(space["filters"], tune.search.sample.Categorical)
+    samples = [space["epochs"].sample() for _ in range(200)]
+    assert min(samples) >= 50 and max(samples) <= 70 and 70 in samples  # the upper bound is inclusive
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"epochs": (10, 5)}, "epoch range"), ({"scheduler": "pbt"}, "scheduler"), ({"reduction_factor": 1}, "reduction")],
+)
+def test_bad_search_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SearchConfig(**kwargs)
+
+
+def test_trials_are_sized_to_what_the_cluster_holds():
+    from mri_platform.config import TrainConfig
+
+    train = TrainConfig(workers=2)
+    assert _concurrency(SearchConfig(workers_per_trial=1, samples=8), train, {"CPU": 2}) == 2
+    assert _concurrency(SearchConfig(workers_per_trial=2, max_concurrent=4, samples=8), train, {"CPU": 2}) == 1
+    with pytest.raises(RuntimeError, match="one trial needs 4 CPUs"):
+        _concurrency(SearchConfig(workers_per_trial=4), train, {"CPU": 2})
+    with pytest.raises(RuntimeError, match="GPUs"):
+        _concurrency(SearchConfig(workers_per_trial=1, gpus_per_worker=1), train, {"CPU": 8, "GPU": 0})
+
+
+@pytest.fixture
+def local_ray():
+    """run_search starts its own local cluster (with the dashboard Ray Train's cleanup needs); stop it after."""
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+SMALL = {"epochs": (4, 4), "lr": (2e-3, 2e-3), "grace_period": 1, "reduction_factor": 2, "workers_per_trial": 1}
+
+
+@pytest.mark.slow
+def test_sweep_stops_bad_trials_nests_runs_and_crowns_the_best(local_ray, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Width 2 is hopeless next to 32; one trial at a time makes ASHA's decisions follow the seeded order.
+    search = SearchConfig(filters=[2, 32], samples=4, max_concurrent=1, search="random", seed=3, **SMALL)
+    summary = run_search(search, {"tracking_uri": uri, "storage": str(tmp_path / "ckpt")}, name="sweep-a")
+
+    assert summary["n_trials"] == 4 and summary["n_failed"] == 0
+    assert summary["n_stopped_early"] >= 1
+    stopped = [t for t in summary["trials"] if t["stopped_early"]]
+    assert all(t["epochs_run"] < 4 for t in stopped)
+    assert summary["best_config"]["filters"] == 32
+    assert summary["champion_version"] == summary["registered_version"] == "1"  # no champion before: it takes it
+
+    client = tracking.client(uri)
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.params["filters"] == "[2, 32]" and parent.data.metrics["n_trials"] == 4
+    nested = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'"
+    )
+    assert len(nested) == 4
+    reasons = sorted(r.data.tags["stop_reason"] for r in nested)
+    assert any(r.startswith("stopped early") for r in reasons) and any(r.startswith("completed") for r in reasons)
+    assert all(len(client.get_metric_history(r.info.run_id, "val_psnr")) >= 1 for r in nested)
+
+
+def _nested_finished(uri: str) -> int:
+    """Trial runs (nested under a sweep) that completed."""
+    client = tracking.client(uri)
+    experiment = client.get_experiment_by_name("mri-denoising")
+    if experiment is None:
+        return 0
+    finished = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'FINISHED'")
+    return sum("mlflow.parentRunId" in r.data.tags for r in finished)
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [sys.executable, "-m", "mri_platform", "tune", "--filters", "8", "--epochs", "3-3", "--lr", "0.002,0.002",
+            "--samples", "3", "--workers-per-trial", "1", "--max-concurrent", "1", "--scheduler", "fifo",
+            "--tracking-uri", uri, "--storage", str(tmp_path / "ckpt"), "--name", "sweep-r"]  # fmt: skip
+    env = {**os.environ, "MRI_PLATFORM_HOME": str(tmp_path / "state")}
+    first = subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and _nested_finished(uri) < 1 and first.poll() is None:
+        time.sleep(1)
+    assert first.poll() is None, "the sweep ended before it could be interrupted"
+    os.kill(first.pid, signal.SIGINT)  # as Ctrl-C would: Tune saves its state and exits
+    try:
+        first.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    done_before = _nested_finished(uri)
+    assert 1 <= done_before < 3
+
+    out = tmp_path / "resumed.json"
+    resumed = subprocess.run([*args, "--resume", "--json", str(out)], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=400)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["n_trials"] == 3 and summary["n_failed"] == 0
+    assert all(t["epochs_run"] == 3 for t in summary["trials"])
+    parents = tracking.client(uri).search_runs(
+        [tracking.client(uri).get_experiment_by_name("mri-denoising").experiment_id],
+        filter_string="tags.sweep_name = 'sweep-r'",
+    )
+    assert len(parents) == 1  # the same parent run went on
+
+
+@pytest.mark.slow
+def test_tune_job_submitted_to_a_real_ray_head(tmp_path, ray_head):
+    out = tmp_path / "tune.json"
+    command = [
+        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head.url, "--working-dir", ".",
+        "--", "python", "-m", "mri_platform", "tune", "--filters", "8,16", "--epochs", "2-2", "--lr", "0.002,0.002",
+        "--samples", "2", "--workers-per-trial", "1", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--storage", str(tmp_path / "ckpt"), "--json", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, **ray_head.extra.get("env", {})}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["n_trials"] == 2 and summary["champion_version"] == "1"

@@ -29,7 +29,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(ISOLATED) $(VENV)/bin/python benchmarks/train_throughput.py
 	$(ISOLATED) $(VENV)/bin/python benchmarks/report_table.py
-	$(ISOLATED) $(VENV)/bin/python benchmarks/report_table.py
+	$(ISOLATED) $(VENV)/bin/python benchmarks/tune_asha.py
 
 clean:
 	rm -rf $(VENV) .state

@@ -202,14 +202,15 @@ def promote(
 
 @app.command()
 def demo(
-    preset: Annotated[str, typer.Option(help="Preset for both models.")] = "demo",
+    preset: Annotated[str, typer.Option(help="Training preset for both models.")] = "demo",
+    search_preset: Annotated[str, typer.Option(help="Search preset; 'none' skips the search.")] = "demo",
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """The main job: train AE1 and AE2 on the built-in data, register both, promote the better to champion."""
+    """The main job: train AE1 and AE2 on the built-in data, promote the better, then a short search."""
     from mri_platform.demo import run_demo
 
     try:
-        run_demo(preset, tracking_uri)
+        run_demo(preset, tracking_uri, None if search_preset == "none" else search_preset)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise _fail(str(exc), code=1) from exc
 

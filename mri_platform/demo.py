@@ -12,8 +12,11 @@ from mri_platform.tracking import resolve_tracking_uri
 from mri_platform.train import fit
 
 
-def run_demo(preset: str = "demo", tracking_uri: str | None = None) -> dict:
+def run_demo(preset: str = "demo", tracking_uri: str | None = None, search_preset: str | None = "demo") -> dict:
+    from tuning.search import build_search, init_ray, print_table, run_search
+
     started = time.perf_counter()
+    init_ray()  # one local cluster for training and the search, with the resource Tune's trial drivers take
     results = {}
     for model in ("ae1", "ae2"):
         config = build_config(preset, model=model, tracking_uri=tracking_uri)
@@ -26,10 +29,17 @@ def run_demo(preset: str = "demo", tracking_uri: str | None = None) -> dict:
         load_any("builtin"),
         tracking_uri=uri,
     )
+    sweep = None
+    if search_preset:
+        print(f"\n== search ({search_preset} preset): width, epochs and learning rate with Ray Tune ==", flush=True)
+        sweep = run_search(build_search(search_preset), {"tracking_uri": uri}, registered_model=config.registered_model)
+        print_table(sweep)
     summary = {
         "tracking_uri": uri,
         "models": {name: r.to_json() for name, r in results.items()},
         "promotion": outcome,
+        "search": sweep,
+        "champion": sweep["champion_version"] if sweep else outcome["champion"],
         "elapsed_s": time.perf_counter() - started,
     }
     out = state_dir() / "demo.json"
@@ -46,9 +56,11 @@ def _print_summary(summary: dict, out) -> None:
             f"{name:6s} {r['registered_version']!s:>7s} {r['psnr']:8.2f} {r['ssim']:6.3f} "
             f"{r['noisy_psnr']:9.2f} {r['train_time_s']:8.0f}"
         )
-    promotion = summary["promotion"]
-    print(f"\npromotion: {promotion['reason']}")
-    print(f"champion:  models:/{promotion['name']}@champion -> version {promotion['champion']}")
+    promotion, sweep = summary["promotion"], summary["search"]
+    print(f"\npromotion after training: {promotion['reason']}")
+    if sweep and sweep["promotion"]:
+        print(f"promotion after the search: {sweep['promotion']['reason']}")
+    print(f"champion:  models:/{promotion['name']}@champion -> version {summary['champion']}")
     uri = summary["tracking_uri"]
     print("\nwhere to look:")
     print(f"  MLflow UI:    .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000  -> http://127.0.0.1:5000")

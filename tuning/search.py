@@ -161,7 +161,7 @@ def _concurrency(search: SearchConfig, config: TrainConfig, resources: dict[str,
     return min(search.max_concurrent or possible, possible, search.samples)
 
 
-def _init_ray() -> dict[str, float]:
+def init_ray() -> dict[str, float]:
     import ray
 
     if not ray.is_initialized():
@@ -237,7 +237,7 @@ def run_search(
     if resume and not name:
         raise ValueError("--resume needs --name of the sweep to continue")
     name = name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    resources = _init_ray()
+    resources = init_ray()
     concurrent = _concurrency(search, base, resources)
 
     uri = tracking.resolve_tracking_uri(base.tracking_uri)
@@ -310,6 +310,9 @@ def _trial_summary(result, sweep_name: str) -> dict[str, Any]:
         "stopped_early": not failed and epochs_run < wanted,
         "error": str(result.error).splitlines()[0][:300] if failed else None,
         "time_s": float(history["time_total_s"].iloc[-1]) if epochs_run and "time_total_s" in history else None,
+        # Tune-over-Train overhead: the first report includes starting the trial's Train run
+        "first_epoch_s": float(history["time_total_s"].iloc[0]) if epochs_run else None,
+        "epoch_s": float(history["epoch_time_s"].iloc[1:].median()) if epochs_run > 1 else None,
     }
 
 

@@ -123,20 +123,25 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def load_preset(name_or_path: str) -> dict:
-    """Read a preset ('demo', 'report', 'gpu' or a YAML path) as a mapping of TrainConfig fields."""
+def read_preset(name_or_path: str, folder: Path, config_class: type) -> dict:
+    """Read a preset (a name in `folder` or a YAML path) as a mapping of `config_class`'s fields."""
     path = Path(name_or_path)
     if not path.suffix:
-        path = PRESET_DIR / f"{name_or_path}.yaml"
+        path = folder / f"{name_or_path}.yaml"
     if not path.is_file():
-        available = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        available = sorted(p.stem for p in folder.glob("*.yaml"))
         raise ValueError(f"no preset {name_or_path!r}: use one of {available} or a path to a YAML file")
     values = yaml.safe_load(path.read_text()) or {}
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(config_class)}
     unknown = set(values) - known
     if unknown:
         raise ValueError(f"preset {path} has unknown fields {sorted(unknown)}; known fields: {sorted(known)}")
     return values
+
+
+def load_preset(name_or_path: str) -> dict:
+    """A training preset ('demo', 'report', 'gpu' or a YAML path) as a mapping of TrainConfig fields."""
+    return read_preset(name_or_path, PRESET_DIR, TrainConfig)
 
 
 def build_config(preset: str | None = None, **overrides) -> TrainConfig:

@@ -18,9 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mri_platform.config import TrainConfig, build_config, state_dir
+from mri_platform.config import TrainConfig, build_config, read_preset, state_dir
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DRIVER_RESOURCE = "TRAIN_DRIVER"
@@ -96,17 +94,8 @@ class SearchConfig:
 
 
 def load_search_preset(name_or_path: str) -> dict[str, Any]:
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = PRESET_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        available = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-        raise ValueError(f"no search preset {name_or_path!r}: use one of {available} or a path to a YAML file")
-    values = yaml.safe_load(path.read_text()) or {}
-    unknown = set(values) - {f.name for f in dataclasses.fields(SearchConfig)}
-    if unknown:
-        raise ValueError(f"search preset {path} has unknown fields {sorted(unknown)}")
-    return values
+    """A search preset ('demo', 'full' or a YAML path) as a mapping of SearchConfig fields."""
+    return read_preset(name_or_path, PRESET_DIR, SearchConfig)
 
 
 def build_search(preset: str | None = None, **overrides: Any) -> SearchConfig:

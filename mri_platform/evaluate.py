@@ -15,7 +15,7 @@ import torch
 
 from mri_platform.checkpoints import FILENAME, checkpoint_noise, load_checkpoint
 from mri_platform.data import SliceSet
-from mri_platform.metrics import mse_per_image, psnr_per_image, ssim_per_image, summarize
+from mri_platform.metrics import score
 from mri_platform.noise import NoiseConfig, fixed_noisy
 
 EVAL_SEED = 1234  # the same default as TrainConfig.eval_seed: training's validation and `evaluate` agree
@@ -56,21 +56,12 @@ def restore(model: torch.nn.Module, noisy: torch.Tensor, batch_size: int = 64) -
     return torch.cat([model(noisy[i : i + batch_size]).float() for i in range(0, len(noisy), batch_size)])
 
 
-def _scores(pred: torch.Tensor, clean: torch.Tensor) -> dict[str, float]:
-    return summarize(
-        mse_per_image(pred, clean).sum().item(),
-        psnr_per_image(pred, clean).sum().item(),
-        ssim_per_image(pred, clean).sum().item(),
-        len(clean),
-    )
-
-
 def score_model(model: torch.nn.Module, slices: SliceSet, noise: NoiseConfig, seed: int = EVAL_SEED) -> dict:
     """The model's MSE / PSNR / SSIM on `slices` corrupted with fixed-seed noise, beside the noisy input's."""
     clean = torch.from_numpy(slices.images).unsqueeze(1)
     noisy = fixed_noisy(clean, noise, seed)
-    scores = _scores(restore(model, noisy), clean)
-    noisy_scores = _scores(noisy.clamp(0, 1), clean)
+    scores = score(restore(model, noisy), clean)
+    noisy_scores = score(noisy.clamp(0, 1), clean)
     return {
         **scores,
         "noisy_psnr": noisy_scores["psnr"],
@@ -98,7 +89,7 @@ def baseline_scores(slices: SliceSet, noise: NoiseConfig, seed: int = EVAL_SEED)
     results = {}
     for name, method in methods.items():
         restored = np.stack([np.clip(method(image), 0, 1) for image in noisy]).astype(np.float32)
-        scores = _scores(torch.from_numpy(restored).unsqueeze(1), clean)
+        scores = score(torch.from_numpy(restored).unsqueeze(1), clean)
         results[name] = {"psnr": scores["psnr"], "ssim": scores["ssim"], "mse": scores["mse"]}
     return results
 

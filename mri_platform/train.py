@@ -369,7 +369,7 @@ def fit(
     model, meta = load_checkpoint(local_dir / FILENAME)
     scores = score_model(model, val_set, config.noise, seed=config.eval_seed)
     figure = comparison_figure(model, val_set, config.noise, seed=config.eval_seed, path=local_dir / "comparison.png")
-    history = [dict(m) for m in tracking.epoch_history(uri, run_id)]
+    history = tracking.epoch_history(uri, run_id)
     tracking.log_results(uri, run_id, scores, figure, best_epoch=int(meta["epoch"]))
     model_uri, version = None, None
     if log_model:

@@ -218,7 +218,6 @@ def run_search(
     from mri_platform.train import resolve_storage
 
     overrides = dict(train_overrides or {})
-    overrides.setdefault("workers", search.workers_per_trial)
     overrides["workers"] = search.workers_per_trial
     if search.gpus_per_worker:
         overrides.update(gpu=True, gpus_per_worker=search.gpus_per_worker)

@@ -28,6 +28,11 @@ def state_dir() -> Path:
     return Path(os.environ.get("MRI_PLATFORM_HOME", ".state")).resolve()
 
 
+def bentoml_home() -> Path:
+    """BentoML's store of models and Bentos: $BENTOML_HOME, else ``bentoml/`` in the state folder."""
+    return Path(os.environ.get("BENTOML_HOME") or state_dir() / "bentoml").resolve()
+
+
 @dataclass
 class TrainConfig:
     """One training run of one autoencoder."""

@@ -443,6 +443,48 @@ def _ray_agent_ready(url: str, headers: Mapping[str, str]) -> bool:
         return False
 
 
+# ------------------------------------------------------------------------------------------------ Bento
+
+
+def start_bento(
+    state_dir: Path,
+    target: str,
+    *,
+    port: int | None = None,
+    bentoml_home: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 90,
+) -> Service:
+    """Start ``bentoml serve TARGET`` on 127.0.0.1 and wait until ``/readyz`` answers 200.
+
+    ``target`` is a built Bento's tag (``mri-denoiser-service:v3``) or a service import path run from ``cwd``
+    (``service.service:MRIDenoiser``). ``bentoml_home`` is the BentoML store holding the Bento and its model;
+    ``env`` adds to the server's environment (``MRI_SERVICE_*`` settings, for instance).
+    """
+    _require_free(port)
+    port = port or free_port()
+    server_env = dict(os.environ)
+    server_env["BENTOML_DO_NOT_TRACK"] = "true"
+    if bentoml_home is not None:
+        server_env["BENTOML_HOME"] = str(Path(bentoml_home).resolve())
+    server_env.update(env or {})
+    bentoml_cli = Path(sys.executable).parent / "bentoml"
+    cmd = [str(bentoml_cli) if bentoml_cli.is_file() else "bentoml", "serve", target, "--host", HOST]
+    cmd += ["--port", str(port)]
+    url = f"http://{HOST}:{port}"
+    service = _spawn("bento", cmd, Path(state_dir), env=server_env, cwd=Path(cwd or Path.cwd()), url=url)
+    service.extra.update(target=target, bentoml_home=server_env.get("BENTOML_HOME"))
+    _await_ready(
+        service,
+        lambda: _http_status(f"{url}/readyz") == 200,
+        timeout,
+        what=f"GET {url}/readyz to answer 200",
+        hint="build the Bento first (`mri-platform build`), check BENTOML_HOME and that the port is free",
+    )
+    return service
+
+
 # ---------------------------------------------------------------------------------------------- stopping
 
 

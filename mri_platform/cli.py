@@ -215,6 +215,52 @@ def demo(
         raise _fail(str(exc), code=1) from exc
 
 
+@app.command()
+def build(
+    model_uri: Annotated[
+        str, typer.Option(help="Registry URI of the model to serve: models:/NAME@ALIAS or models:/NAME/VERSION.")
+    ] = "models:/mri-denoiser@champion",
+    tracking_uri: TrackingUri = None,
+    json_out: JsonOut = None,
+) -> None:
+    """Import a registered model into BentoML's store and build the Bento (offline); its tag names the version."""
+    from service.build import build as build_bento
+
+    try:
+        result = build_bento(model_uri, tracking_uri)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        raise _fail(str(exc), code=1) from exc
+    meta = result["metadata"]
+    scores = f"held-out PSNR {meta['psnr']:.2f} dB, SSIM {meta['ssim']:.3f}" if meta["psnr"] is not None else ""
+    typer.secho(f"built Bento {result['bento']} from {meta['model_uri']} ({meta['model_kind'] or 'custom'}, "
+                f"{meta['filters']} filters; {scores})", fg=typer.colors.GREEN)  # fmt: skip
+    typer.echo(f"BentoML store: {result['bentoml_home']}")
+    typer.echo(f"serve it:      mri-platform serve   (or: BENTOML_HOME={result['bentoml_home']} bentoml serve "
+               f"{result['bento']})")  # fmt: skip
+    _write_json(json_out, result)
+
+
+@app.command()
+def serve(
+    bento: Annotated[str | None, typer.Option(help="Bento tag (default: the latest mri-denoiser built).")] = None,
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 3000,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the service to the network.")] = (
+        "127.0.0.1"
+    ),
+) -> None:
+    """Serve the built Bento with `bentoml serve` in the foreground (Ctrl-C stops it)."""
+    from mri_platform.config import bentoml_home
+    from service.build import _bentoml_cli, latest_bento
+
+    os.environ["BENTOML_HOME"] = str(bentoml_home())
+    tag = bento or latest_bento()
+    if tag is None:
+        raise _fail(f"no mri-denoiser Bento in {os.environ['BENTOML_HOME']}; build one first: mri-platform build")
+    typer.echo(f"serving {tag} on http://{host}:{port}  (page: http://{host}:{port}/ui, model: /info)")
+    cli = _bentoml_cli()
+    os.execvpe(cli, [cli, "serve", tag, "--host", host, "--port", str(port)], os.environ)
+
+
 def _int_list(text: str | None) -> list[int] | None:
     return [int(v) for v in text.split(",")] if text else None
 

@@ -1,0 +1,248 @@
+"""Turning what people upload into model input and back: images, NIfTI volumes and slice arrays.
+
+Everything here is plain NumPy, Pillow and nibabel, testable without a server. Every function that reads user
+input raises :class:`InputError` with a message that says what was wrong and what to do; the service turns it into
+a 4xx answer. Limits (bytes, pixels, slices) are checked before the expensive step: an image's size is read from
+its header before its pixels are decoded, so a decompression bomb is refused without being decompressed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from mri_platform.noise import NoiseConfig, fixed_noisy
+
+
+class InputError(ValueError):
+    """Bad input from a client: answered with 400 and this message, never a 500."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold. The defaults fit 512x512 scans and whole-brain volumes with room to spare."""
+
+    max_request_bytes: int = 64 * 1024 * 1024
+    """Largest request body (an upload or a JSON array); bigger requests get 413."""
+    max_image_pixels: int = 4096 * 4096
+    """Largest image (width x height) accepted, checked from the header before decoding."""
+    max_slices: int = 512
+    """Most slices in one /denoise request, and most slices a volume may have along its slice axis."""
+    max_volume_voxels: int = 512 * 512 * 512
+    """Largest NIfTI volume (voxels of its first 3D volume)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Slice arrays (the /denoise API)
+
+
+def check_slices(array: np.ndarray, size: int, max_slices: int) -> np.ndarray:
+    """A (N, size, size) float32 array in [0, 1] from (size, size) or (N, size, size) input, or InputError."""
+    if array.dtype.kind not in "fiu" or array.dtype == np.bool_:
+        raise InputError(f"expected numbers (float32 in [0, 1]), got dtype {array.dtype}")
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or array.shape[1:] != (size, size):
+        raise InputError(
+            f"expected slices of shape (N, {size}, {size}) or ({size}, {size}), got {tuple(array.shape)}; "
+            f"resize to {size}x{size} first, or send images to /denoise_image, which resizes them"
+        )
+    if array.shape[0] == 0:
+        raise InputError("the request holds no slices (shape has N = 0)")
+    if array.shape[0] > max_slices:
+        raise InputError(
+            f"{array.shape[0]} slices in one request is more than the limit of {max_slices}; split the request"
+        )
+    array = array.astype(np.float32, copy=False)
+    if not np.isfinite(array).all():
+        bad = int(np.size(array) - np.isfinite(array).sum())
+        raise InputError(f"{bad} values are NaN or infinite; send finite intensities in [0, 1]")
+    low, high = float(array.min()), float(array.max())
+    if low < -1e-3 or high > 1 + 1e-3:
+        raise InputError(
+            f"intensities must lie in [0, 1] (the model was trained on that range), got [{low:.4g}, {high:.4g}]; "
+            "divide 8-bit pixels by 255, or scale a scan by its own range"
+        )
+    return np.clip(array, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images (the /denoise_image API and the page)
+
+
+def read_image(content: bytes, limits: Limits) -> np.ndarray:
+    """An uploaded PNG/JPEG (any mode, any size within the limits) as gray float32 pixels in [0, 1]."""
+    if not content:
+        raise InputError("the upload is empty (0 bytes); attach a PNG or JPEG image")
+    try:
+        image = Image.open(io.BytesIO(content))  # reads the header only
+    except UnidentifiedImageError:
+        raise InputError(
+            "not an image: the upload is neither PNG nor JPEG nor another format Pillow reads "
+            "(for a NIfTI volume use /denoise_volume)"
+        ) from None
+    except Exception as exc:  # Pillow raises many types on garbage headers
+        raise InputError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+    with image:
+        width, height = image.size
+        if width == 0 or height == 0:
+            raise InputError(f"the image has zero size ({width} x {height})")
+        if width * height > limits.max_image_pixels:
+            raise InputError(
+                f"the image is {width} x {height} = {width * height:,} pixels, more than the limit of "
+                f"{limits.max_image_pixels:,}; downscale it first (the model works at 64 x 64)",
+                status=413,
+            )
+        try:
+            image.load()
+            return _to_gray(image)
+        except Exception as exc:  # truncated or corrupt pixel data behind a valid header
+            raise InputError(f"the image is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+
+
+def _to_gray(image: Image.Image) -> np.ndarray:
+    """Gray pixels in [0, 1] for any Pillow mode (the same conversion the training data went through)."""
+    from mri_platform.data import _to_gray as to_gray  # applies the EXIF orientation too
+
+    return to_gray(image)
+
+
+def resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Lanczos resampling clipped to [0, 1] (as the training data was resized)."""
+    if image.shape == shape:
+        return image.astype(np.float32, copy=False)
+    from mri_platform.data import _resize
+
+    return _resize(image, shape)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Gray float pixels in [0, 1] as an 8-bit PNG."""
+    pixels = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def add_report_noise(clean: np.ndarray, noise: NoiseConfig, seed: int = 0) -> np.ndarray:
+    """The noise the model was trained against, drawn from a fixed seed so that a page reload shows the same."""
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(clean, dtype=np.float32))[None, None]
+    return fixed_noisy(tensor, noise, seed)[0, 0].clamp(0, 1).numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NIfTI volumes (the /denoise_volume API)
+
+
+@dataclass
+class Volume:
+    """A NIfTI image's data as float32, with what is needed to write the result back."""
+
+    image: nib.Nifti1Image | nib.Nifti2Image
+    data: np.ndarray
+    """(X, Y, Z, T) voxel intensities as stored (after scaling); T = 1 for a 3D volume."""
+    gzipped: bool
+
+
+def read_volume(content: bytes, limits: Limits) -> Volume:
+    """An uploaded .nii or .nii.gz (3D, or 4D: every volume) as a :class:`Volume`, or InputError."""
+    if not content:
+        raise InputError("the upload is empty (0 bytes); attach a .nii or .nii.gz volume")
+    gzipped = content[:2] == b"\x1f\x8b"
+    raw, cap = content, limits.max_volume_voxels * 8 + 64 * 1024
+    if gzipped:
+        try:  # bounded: a gzip bomb stops at the voxel limit instead of filling memory
+            with gzip.GzipFile(fileobj=io.BytesIO(content)) as stream:
+                raw = stream.read(cap + 1)
+        except (OSError, EOFError) as exc:
+            raise InputError(f"the .nii.gz upload is not valid gzip data ({exc})") from None
+        if len(raw) > cap:
+            raise InputError(
+                f"the volume decompresses to more than {limits.max_volume_voxels:,} voxels of 8 bytes; "
+                "send a smaller volume",
+                status=413,
+            )
+    if len(raw) < 348:
+        raise InputError("not a NIfTI volume: the upload is shorter than a NIfTI header (348 bytes)")
+    try:
+        kind = nib.Nifti2Image if raw[4:8] in (b"n+2\0", b"ni2\0") else nib.Nifti1Image
+        image = kind.from_bytes(raw)
+    except Exception as exc:  # nibabel raises many types for garbage
+        raise InputError(
+            f"not a NIfTI volume ({type(exc).__name__}: {exc}); for PNG or JPEG images use /denoise_image"
+        ) from None
+    shape = image.shape
+    if len(shape) < 3 or min(shape) < 1:
+        raise InputError(f"expected a 3D or 4D volume, got shape {shape}")
+    voxels = int(np.prod(shape))
+    if voxels > limits.max_volume_voxels:
+        raise InputError(
+            f"the volume has {voxels:,} voxels, more than the limit of {limits.max_volume_voxels:,}", status=413
+        )
+    slices = int(np.prod(shape[2:]))
+    if slices > limits.max_slices:
+        raise InputError(
+            f"the volume has {slices} slices (shape {shape}), more than the limit of {limits.max_slices}",
+            status=413,
+        )
+    try:
+        data = np.asarray(image.get_fdata(dtype=np.float32)).reshape(shape[0], shape[1], shape[2], -1)
+    except Exception as exc:  # a valid header in front of truncated data
+        raise InputError(f"the volume's data is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    if not np.isfinite(data).all():
+        raise InputError("the volume holds NaN or infinite voxels; clean them before denoising")
+    return Volume(image=image, data=data, gzipped=gzipped)
+
+
+def volume_range(data: np.ndarray) -> tuple[float, float]:
+    """The intensity window mapped to [0, 1]: robust percentiles of the non-zero voxels, as in training."""
+    foreground = data[data != 0]
+    if foreground.size == 0:
+        raise InputError("every voxel of the volume is zero; there is nothing to denoise")
+    low, high = (float(v) for v in np.percentile(foreground, [0.5, 99.5]))
+    if high <= low:
+        raise InputError(f"the volume has constant intensity ({low:g}); there is nothing to denoise")
+    return low, high
+
+
+def volume_to_slices(volume: Volume, size: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """Every slice along the third array axis (of every 3D volume of a 4D file), in [0, 1], resized to size."""
+    low, high = volume_range(volume.data)
+    scaled = np.clip((volume.data - low) / (high - low), 0.0, 1.0)
+    x, y, z, t = scaled.shape
+    stack = scaled.transpose(3, 2, 0, 1).reshape(t * z, x, y)  # (T*Z, X, Y), volume-major
+    return np.stack([resize(s, (size, size)) for s in stack]), (low, high)
+
+
+def slices_to_volume(volume: Volume, denoised: np.ndarray, window: tuple[float, float]) -> bytes:
+    """Write denoised (T*Z, size, size) slices back at the volume's own size, intensity window and geometry.
+
+    The affine, the voxel sizes and the rest of the header are the input's; the data are stored as float32 (the
+    denoiser's output is continuous, so the input's integer type would round it).
+    """
+    low, high = window
+    x, y, z, t = volume.data.shape
+    stack = np.stack([resize(s, (x, y)) for s in denoised]).reshape(t, z, x, y).transpose(2, 3, 1, 0)
+    out = (stack * (high - low) + low).reshape(volume.image.shape).astype(np.float32)
+    header = volume.image.header.copy()
+    header.set_data_dtype(np.float32)
+    result = type(volume.image)(out, volume.image.affine, header)
+    result.header.set_slope_inter(1.0, 0.0)
+    suffix = ".nii.gz" if volume.gzipped else ".nii"
+    with tempfile.TemporaryDirectory() as folder:  # nibabel writes .nii.gz through a path
+        path = Path(folder) / f"denoised{suffix}"
+        nib.save(result, path)
+        return path.read_bytes()

@@ -87,13 +87,19 @@ def read_image(content: bytes, limits: Limits) -> np.ndarray:
         raise InputError("the upload is empty (0 bytes); attach a PNG or JPEG image")
     try:
         image = Image.open(io.BytesIO(content))  # reads the header only
+    except Image.DecompressionBombError as exc:  # Pillow refuses twice its own limit when opening
+        raise InputError(
+            f"the image has more pixels than Pillow opens safely ({exc}), so more than the limit of "
+            f"{limits.max_image_pixels:,}; downscale it first",
+            status=413,
+        ) from None
     except UnidentifiedImageError:
         raise InputError(
             "not an image: the upload is neither PNG nor JPEG nor another format Pillow reads "
             "(for a NIfTI volume use /denoise_volume)"
         ) from None
     except Exception as exc:  # Pillow raises many types on garbage headers
-        raise InputError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+        raise InputError(f"not a readable image, corrupt or truncated ({type(exc).__name__}: {exc})") from None
     with image:
         width, height = image.size
         if width == 0 or height == 0:

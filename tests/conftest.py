@@ -1,5 +1,6 @@
 """Real servers on 127.0.0.1 for the tests: each starts the first time a test asks for it and stops at the end."""
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -47,3 +48,48 @@ def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MRI_PLATFORM_HOME", str(tmp_path / "state"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture(scope="session")
+def built_bento(state_dir: Callable[[str], Path]) -> dict:
+    """A real MRI denoiser registered as champion in a sqlite registry, built into a Bento by the real CLI.
+
+    ``mri-platform build`` runs as a subprocess, inside the tests' network namespace where there is one, so the
+    build is also shown to work offline. Keys: ``tag``, ``bentoml_home``, ``tracking_uri``, ``state``, ``model``.
+    """
+    import subprocess
+    import sys
+
+    from helpers import register, train_plainly
+
+    from mri_platform import tracking
+
+    state = state_dir("bento")
+    uri = f"sqlite:///{state / 'mlflow.db'}"
+    from mri_platform.data import load_builtin
+    from mri_platform.evaluate import score_model
+    from mri_platform.noise import NoiseConfig
+
+    model = train_plainly(steps=150)
+    psnr = score_model(model, load_builtin()[1], NoiseConfig())["psnr"]  # what the registry tags and /info show
+    version = register(uri, model, state / "runs", "served", registered_model="mri-denoiser", psnr=psnr)
+    tracking.set_champion(uri, "mri-denoiser", version)
+    env = {**os.environ, "MRI_PLATFORM_HOME": str(state / "home"), "BENTOML_HOME": str(state / "bentoml")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "mri_platform", "build", "--tracking-uri", uri, "--json", str(state / "build.json")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {"tag": f"mri-denoiser:v{version}", "bentoml_home": state / "bentoml", "tracking_uri": uri,
+            "state": state, "model": model, "version": version, "psnr": psnr, "output": result.stdout}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def bento_server(built_bento: dict, state_dir: Callable[[str], Path]) -> Iterator[Service]:
+    """`bentoml serve` of the built Bento on a free port of 127.0.0.1 (one worker, batching on)."""
+    service = services.start_bento(
+        state_dir("bento-serve"), built_bento["tag"], bentoml_home=built_bento["bentoml_home"]
+    )
+    yield service
+    services.stop(service)

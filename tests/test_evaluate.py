@@ -6,40 +6,22 @@ from importlib import resources
 
 import numpy as np
 import pytest
-import torch
+from helpers import DESCRIBE, register, train_plainly
 from PIL import Image
 from typer.testing import CliRunner
 
 from mri_platform import tracking
 from mri_platform.checkpoints import save_checkpoint
 from mri_platform.cli import app
-from mri_platform.config import build_config
 from mri_platform.data import load_builtin
-from mri_platform.figures import comparison_figure
 from mri_platform.models import DenoisingAutoencoder
-from mri_platform.noise import NoiseConfig
-from mri_platform.train import train_step
 
 runner = CliRunner()
-DESCRIBE = {"noise": NoiseConfig().to_dict(), "epoch": 1, "data": {"source": "builtin"}}
-
-
-def _train_plainly(steps: int, filters: int = 16) -> DenoisingAutoencoder:
-    """A few hundred plain PyTorch steps on the built-in training slices: enough to beat the noisy input."""
-    torch.manual_seed(0)
-    model = DenoisingAutoencoder(filters=filters)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    images = torch.from_numpy(load_builtin()[0].images).unsqueeze(1)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        batch = images[torch.randint(len(images), (32,), generator=generator)]
-        train_step(model, batch, optimizer, NoiseConfig(), generator, amp_dtype=None)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def trained():
-    return _train_plainly(steps=150)
+    return train_plainly(steps=150)
 
 
 @pytest.fixture(scope="module")
@@ -120,25 +102,12 @@ def test_evaluate_bad_input_says_what_was_wrong(checkpoint, args, message):
     assert message in result.output
 
 
-def _register(uri: str, model: torch.nn.Module, tmp_path, name: str) -> str:
-    config = build_config(None, model="ae1", filters=16, tracking_uri=uri, registered_model="reg-test")
-    exp = tracking.experiment_id(uri, config.experiment)
-    run_id = tracking.client(uri).create_run(exp, run_name=name).info.run_id
-    (tmp_path / name).mkdir()
-    ckpt = save_checkpoint(tmp_path / name / "checkpoint.pt", model, **DESCRIBE)
-    figure = comparison_figure(model, load_builtin()[1], NoiseConfig(), seed=0, path=tmp_path / name / "fig.png")
-    scores = {"psnr": 0.0, "ssim": 0.0}
-    tracking.log_results(uri, run_id, scores, figure, best_epoch=1)
-    _, version = tracking.log_model(uri, run_id, model, ckpt, scores, config)
-    return version
-
-
 def test_promote_moves_champion_only_to_a_better_model(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("MRI_PLATFORM_HOME", str(tmp_path / "state"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     untrained = DenoisingAutoencoder(filters=16).eval()
-    weak = _register(uri, untrained, tmp_path, "weak")
-    strong = _register(uri, trained, tmp_path, "strong")
+    weak = register(uri, untrained, tmp_path, "weak")
+    strong = register(uri, trained, tmp_path, "strong")
 
     def promote(version):
         out = tmp_path / f"promote-{version}.json"

@@ -9,7 +9,7 @@ export BENTOML_DO_NOT_TRACK := true
 # Tests and benchmarks run in a loopback-only network namespace where the machine allows one.
 ISOLATED := scripts/isolated
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup system-deps demo down test lint bench clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/mri-platform demo
 
-test: $(STAMP)
+# Stops what `make demo` (or `mri-platform stack up`) left running: the MLflow UI, the Bento, a local stack.
+down:
+	@if [ -x $(VENV)/bin/mri-platform ]; then $(VENV)/bin/mri-platform stack down; else echo "nothing to stop (no .venv)"; fi
+
+# Debian packages the tests drive for real (Chromium, PostgreSQL); see the script.
+system-deps:
+	@scripts/system-deps
+
+test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(ISOLATED) $(VENV)/bin/python -m pytest -q

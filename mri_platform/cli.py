@@ -9,7 +9,12 @@ from typing import Annotated
 
 import typer
 
+from mri_platform.stack import app as stack_app  # its own sub-app (up, status, down); importing it starts nothing
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split(":")[1].strip())
+app.add_typer(
+    stack_app, name="stack", help="Run the platform on this machine: Ray head, MLflow server, S3 (SeaweedFS), Bento."
+)
 
 
 @app.callback()
@@ -205,12 +210,13 @@ def demo(
     preset: Annotated[str, typer.Option(help="Training preset for both models.")] = "demo",
     search_preset: Annotated[str, typer.Option(help="Search preset; 'none' skips the search.")] = "demo",
     tracking_uri: TrackingUri = None,
+    serve: Annotated[bool, typer.Option(help="End serving the champion and the MLflow UI in the background.")] = True,
 ) -> None:
-    """The main job: train AE1 and AE2 on the built-in data, promote the better, then a short search."""
+    """The main job: train AE1 and AE2 on the built-in data, promote the better, search, then serve the champion."""
     from mri_platform.demo import run_demo
 
     try:
-        run_demo(preset, tracking_uri, None if search_preset == "none" else search_preset)
+        run_demo(preset, tracking_uri, None if search_preset == "none" else search_preset, serve=serve)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise _fail(str(exc), code=1) from exc
 

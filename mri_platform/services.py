@@ -91,6 +91,9 @@ def _require_free(port: int | None) -> None:
     if port is None:
         return
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the servers themselves do: without it the TIME_WAIT connections a stopped server leaves on its port
+        # (for a minute) make the port look taken; a socket listening on it is still refused.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError as error:
@@ -336,6 +339,7 @@ def start_ray_head(
     num_cpus: int | None = None,
     resources: Mapping[str, float] | None = None,
     timeout: float = 90,
+    job_env: Mapping[str, str] | None = None,
 ) -> Service:
     """Start a Ray head node with its dashboard and job server; ``url`` is the job server's address.
 
@@ -349,6 +353,9 @@ def start_ray_head(
     The dashboard and job server bind 127.0.0.1, but Ray replaces a loopback ``--node-ip-address`` with the
     machine's routable address and its GCS, raylet and agents then listen on all interfaces (the token still
     guards them). Only a loopback-only network namespace (``unshare -n``) keeps a head entirely on 127.0.0.1.
+
+    ``job_env`` adds to the head's environment, which its workers and jobs' drivers inherit (the local stack
+    gives jobs its MLflow server and S3 endpoint this way); Ray's own settings below win over it.
 
     ``ray start --block`` keeps the CLI in the foreground as the session leader; Ray's daemons die with it and
     also carry this head's private temp folder in their command line, which ``stop`` uses to find them all.
@@ -373,7 +380,7 @@ def start_ray_head(
     _require_free(dashboard_port)
     gcs_port, agent_port, client_port, *metric_ports, spare = free_ports(6)
     dashboard_port = dashboard_port or spare
-    env = dict(os.environ)
+    env = {**os.environ, **(job_env or {})}
     for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
         env.pop(name, None)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
@@ -692,3 +699,64 @@ def _http_status(url: str, headers: Mapping[str, str] | None = None) -> int | No
         return error.code
     except OSError:
         return None
+
+
+# ------------------------------------------------------------------------------------------ health checks
+
+
+def is_running(service: Service) -> bool:
+    """True while the service's leader runs: the same pid and start time (a reused pid is someone else)."""
+    try:
+        with open(f"/proc/{service.pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return False
+    fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+    return fields[0] != "Z" and (service.start_ticks is None or int(fields[19]) == service.start_ticks)
+
+
+def answers(service: Service) -> bool:
+    """True when the service answers on its URL the way its readiness check expects (one request, <= 5 s)."""
+    if service.name == "seaweedfs":  # any HTTP answer: anonymous requests are refused with 403
+        return _http_status(service.url) is not None
+    if service.name == "ray":
+        headers = {"Authorization": f"Bearer {service.extra['token']}"}
+        return _http_status(f"{service.url}/api/jobs/", headers) == 200
+    path = {"mlflow": "/health", "bento": "/readyz"}.get(service.name, "/")
+    return _http_status(f"{service.url}{path}") == 200
+
+
+def stop_tagged(key: str, value: str, timeout: float = 10) -> list[int]:
+    """Stop every process of this user whose environment holds ``key=value``; return their pids.
+
+    For processes that :func:`stop` cannot reach once their leader died abruptly: BentoML's workers start sessions
+    of their own, so when ``bentoml serve`` is SIGKILLed they are neither in its session nor its descendants, and
+    keep its port. A variable given in ``start_bento(env=...)`` is inherited by all of them.
+    """
+    needle = f"{key}={value}".encode()
+
+    def tagged() -> dict[int, int]:
+        found = {}
+        for p in _process_table():
+            if p.pid == os.getpid() or p.state == "Z":
+                continue
+            try:
+                with open(f"/proc/{p.pid}/environ", "rb") as f:
+                    environ = f.read().split(b"\0")
+            except OSError:  # another user's process, or gone
+                continue
+            if needle in environ:
+                found[p.pid] = p.start
+        return found
+
+    first = alive = tagged()
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        for pid in alive:
+            _signal(pid, sig)
+        deadline = time.monotonic() + wait
+        while (alive := {p: s for p, s in tagged().items() if first.get(p) == s}) and time.monotonic() < deadline:
+            _reap(alive)
+            time.sleep(0.1)
+        if not alive:
+            break
+    return sorted(first)

@@ -1,6 +1,7 @@
 """Real servers on 127.0.0.1 for the tests: each starts the first time a test asks for it and stops at the end."""
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -93,3 +94,25 @@ def bento_server(built_bento: dict, state_dir: Callable[[str], Path]) -> Iterato
     )
     yield service
     services.stop(service)
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory: pytest.TempPathFactory):
+    """A real headless Chromium (Debian's chromium + chromedriver) driven by Selenium; skipped where missing."""
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.skip("needs Debian's chromium and chromium-driver (`make test` installs them: scripts/system-deps)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    # Headless as root in a container; no background traffic, which this machine's closed network would refuse.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1200,900", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=DriverService(executable_path=chromedriver), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()

@@ -1,7 +1,6 @@
 """The service's web page in a real headless Chromium (Debian's chromium + chromedriver, driven by Selenium)."""
 
 import io
-import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -11,33 +10,7 @@ from PIL import Image
 
 from mri_platform.data import load_builtin
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (CHROMIUM and CHROMEDRIVER),
-        reason="needs Debian's chromium and chromium-driver (`.ci/run` installs them: apt-get install chromium "
-        "chromium-driver)",
-    ),
-]
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service as DriverService
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    # Headless as root in a container; no background traffic, which this machine's closed network would refuse.
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1200,900", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=DriverService(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
+pytestmark = pytest.mark.slow
 
 
 def _wait(driver, condition, timeout: float = 60):

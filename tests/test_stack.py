@@ -1,0 +1,315 @@
+"""`mri-platform stack up | status | down` through the real CLI: the servers answer, a Ray job logs to the stack's
+MLflow with its artifact in S3, a second `up` starts nothing, a dead server is restarted, `down` leaves nothing.
+
+One stack (on free ports) is shared by the module's tests, which run in file order: up, use, restart, down.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mri_platform import services, stack
+from mri_platform.services import HOST
+
+RAY = str(Path(sys.executable).parent / "ray")
+ROOT = Path(__file__).resolve().parents[1]  # `ray job submit --working-dir .` uploads it, as the README does
+
+
+def _env(home: Path) -> dict[str, str]:
+    """The caller's environment without settings that would point the stack or its clients elsewhere."""
+    drop = ("RAY_", "AWS_", "MLFLOW_TRACKING_URI", "BENTOML_HOME")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    return {**env, "MRI_PLATFORM_HOME": str(home)}
+
+
+def _cli(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mri_platform", "stack", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _status(env: dict[str, str]) -> dict:
+    done = _cli(env, "status", "--json", timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+def _get(url: str, headers: dict[str, str] | None = None) -> int | None:
+    """The HTTP status a GET of ``url`` answers with, None when nothing answers."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return None
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (session id, command line) of every live process."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, IndexError):
+                continue
+            if fields[0] != "Z":
+                table[int(entry.name)] = (int(fields[3]), cmdline)
+    return table
+
+
+def _stack_pids(folder: Path) -> set[int]:
+    """Every process of the stack: the recorded leaders, their sessions, and any naming the stack's folders."""
+    record = stack.load(folder)
+    leaders = {service.pid for service in record.values()}
+    markers = [str(folder)] + [service.marker for service in record.values() if service.marker]
+    return {
+        pid
+        for pid, (sid, cmdline) in _processes().items()
+        if pid in leaders or sid in leaders or any(marker in cmdline for marker in markers)
+    }
+
+
+def _wait_gone(pids: set[int], seconds: float = 10) -> set[int]:
+    """The pids still alive after up to ``seconds`` (a killed process's children go down just after it)."""
+    deadline = time.monotonic() + seconds
+    while (alive := pids & set(_processes())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """`stack up` in platform mode on free ports; stopped at the end whatever the tests did."""
+    home = tmp_path_factory.mktemp("stack-home")
+    ray_port, mlflow_port, s3_port, bento_port = services.free_ports(4)
+    ports = {"ray": ray_port, "mlflow": mlflow_port, "s3": s3_port, "bento": bento_port}
+    args = [f"--ray-dashboard-port={ray_port}", f"--mlflow-port={mlflow_port}", f"--s3-port={s3_port}"]
+    args.append(f"--bento-port={bento_port}")
+    env = _env(home)
+    started = time.monotonic()
+    up = _cli(env, "up", *args)
+    up_s = time.monotonic() - started
+    print(f"\nstack up: {up_s:.1f} s")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield {"env": env, "args": args, "ports": ports, "folder": home / "stack", "up": up, "up_s": up_s}
+    finally:
+        stack.down(timeout=5, folder=home / "stack")  # a no-op once the down test ran
+
+
+@pytest.mark.slow
+def test_up_serves_every_part_on_the_asked_ports(platform: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import boto3
+
+    info = _status(platform["env"])
+    ports = platform["ports"]
+    assert info["ray_dashboard"] == info["ray_address"] == f"http://{HOST}:{ports['ray']}"
+    assert info["mlflow"] == f"http://{HOST}:{ports['mlflow']}"
+    assert info["s3"] == f"http://{HOST}:{ports['s3']}"
+    assert info["bento"] is None  # none built in this state folder, and `up` says how to build one
+    assert "mri-platform build" in platform["up"].stdout
+    assert f"export MLFLOW_TRACKING_URI={info['mlflow']}" in platform["up"].stdout
+
+    assert _get(f"{info['mlflow']}/health") == 200
+    assert info["mlflow_artifacts_destination"] == f"s3://{info['s3_bucket']}/mlflow"
+    token = Path(info["ray_auth_token_path"]).read_text().strip()
+    assert token not in platform["up"].stdout  # the plain view names the file, never the token
+    jobs = f"{info['ray_dashboard']}/api/jobs/"
+    assert _get(jobs, {"Authorization": f"Bearer {token}"}) == 200
+    assert _get(jobs) != 200  # token auth is on
+
+    for name, value in info["s3_env"].items():  # the printed AWS_ENDPOINT_URL and keys file are all a client needs
+        monkeypatch.setenv(name, value)
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=info["s3_bucket"], Key="hello.txt", Body=b"from a client")
+    assert s3.get_object(Bucket=info["s3_bucket"], Key="hello.txt")["Body"].read() == b"from a client"
+    for secret in (platform["folder"] / stack.RECORD, Path(info["s3_credentials_file"])):
+        assert secret.stat().st_mode & 0o077 == 0  # the record holds the Ray token, the file the S3 keys
+
+
+@pytest.mark.slow
+def test_a_second_up_finds_the_running_stack(platform: dict) -> None:
+    before = {name: entry["pid"] for name, entry in _status(platform["env"])["services"].items()}
+    again = _cli(platform["env"], "up", *platform["args"])
+    assert again.returncode == 0, again.stdout + again.stderr
+    for name in ("ray", "mlflow", "s3"):
+        assert f"{name}: already running" in again.stdout
+    assert {name: entry["pid"] for name, entry in _status(platform["env"])["services"].items()} == before
+
+
+@pytest.mark.slow
+def test_a_training_job_submitted_to_the_stack_lands_in_its_mlflow_and_s3(platform: dict) -> None:
+    """The README's journey: `ray job submit` a real training run; it logs, registers and checkpoints on the stack."""
+    from mlflow import MlflowClient
+
+    info = _status(platform["env"])
+    bucket = info["s3_bucket"]
+    # No tracking URI and no S3 keys on the command line: the head gives its jobs the stack's MLflow and S3.
+    command = [
+        RAY, "job", "submit", "--working-dir", ".", "--",
+        "python", "-m", "mri_platform", "train", "--model", "ae1", "--filters", "8", "--epochs", "2", "--lr", "0.003",
+        "--workers", "1", "--run-name", "stack-journey", "--storage", f"s3://{bucket}/checkpoints",
+    ]  # fmt: skip
+    env = {**platform["env"], **info["ray_env"]}  # RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH, as printed
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "epoch   2/2" in done.stdout
+
+    client = MlflowClient(tracking_uri=info["mlflow"], registry_uri=info["mlflow"])
+    [run] = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "attributes.run_name = 'stack-journey'"
+    )
+    assert run.data.metrics["final_psnr"] > run.data.metrics["final_noisy_psnr"]
+    [version] = client.search_model_versions("name = 'mri-denoiser'")
+    assert version.run_id == run.info.run_id
+    s3 = services.s3_client(stack.load(platform["folder"])["s3"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert any(k.startswith("checkpoints/") and k.endswith("checkpoint.pt") for k in keys)  # Ray Train's, on S3
+    assert any(k.startswith("mlflow/") and run.info.run_id in k for k in keys)  # MLflow's artifacts, on S3
+    platform["journey"] = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id}
+
+
+@pytest.mark.slow
+def test_the_mlflow_ui_shows_the_run_and_the_registered_model(platform: dict, browser) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    if "journey" not in platform:
+        pytest.skip("needs the training job of the previous test")
+    mlflow_url, journey = _status(platform["env"])["mlflow"], platform["journey"]
+
+    def shows(url: str, text: str) -> None:
+        browser.get(url)
+        WebDriverWait(browser, 60).until(lambda d: text in d.find_element("tag name", "body").text)
+
+    shows(f"{mlflow_url}/#/experiments/{journey['experiment_id']}/runs/{journey['run_id']}", "stack-journey")
+    assert "val_psnr" in browser.find_element("tag name", "body").text
+    shows(f"{mlflow_url}/#/models", "mri-denoiser")
+
+
+@pytest.mark.slow
+def test_up_restarts_a_server_that_died_and_says_so(platform: dict) -> None:
+    record = stack.load(platform["folder"])
+    old = record["mlflow"]
+    old_pids = {pid for pid, (sid, _) in _processes().items() if sid == old.pid}
+    os.kill(old.pid, signal.SIGKILL)
+    assert not _wait_gone({old.pid})
+
+    again = _cli(platform["env"], "up", *platform["args"])
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "mlflow: restarted: it had exited" in again.stdout
+    assert "ray: already running" in again.stdout and "s3: already running" in again.stdout
+    after = stack.load(platform["folder"])
+    assert after["mlflow"].pid != old.pid and after["mlflow"].url == old.url
+    assert {name: after[name].pid for name in ("ray", "s3")} == {name: record[name].pid for name in ("ray", "s3")}
+    assert _get(f"{old.url}/health") == 200
+    assert not _wait_gone(old_pids)  # what the dead server left was stopped before the new one started
+
+
+@pytest.mark.slow
+def test_down_stops_everything_and_a_second_down_is_harmless(platform: dict) -> None:
+    folder = platform["folder"]
+    pids = _stack_pids(folder)
+    assert len(pids) > 5  # Ray's daemons, MLflow, SeaweedFS
+
+    started = time.monotonic()
+    done = _cli(platform["env"], "down")
+    down_s = time.monotonic() - started
+    print(f"\nstack down: {down_s:.1f} s")
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("ray", "mlflow", "s3"):
+        assert f"stopped {name}" in done.stdout
+    assert not _wait_gone(pids, seconds=0)
+    assert not [pid for pid, (_, cmdline) in _processes().items() if str(folder) in cmdline]
+    assert not (folder / stack.RECORD).exists()
+
+    again = _cli(platform["env"], "down")
+    assert again.returncode == 0 and "nothing to stop" in again.stdout
+    info = _status(platform["env"])
+    assert [info[key] for key in ("ray_dashboard", "ray_address", "mlflow", "s3", "bento")] == [None] * 5
+
+
+# ----------------------------------------------------------------------------- the README's first command
+
+
+@pytest.mark.slow
+def test_the_embedded_mode_serves_the_store_training_wrote(tmp_path: Path) -> None:
+    """What `make demo` ends with: the MLflow UI on the embedded sqlite store (and the Bento, when built)."""
+    from mlflow import MlflowClient
+
+    store = stack.embedded_store_uri()
+    assert store.startswith("sqlite:") and str(tmp_path) in store  # the test's own state folder
+    written = MlflowClient(tracking_uri=store)
+    run_id = written.create_run(written.create_experiment("trained-before")).info.run_id
+    written.log_metric(run_id, "val_psnr", 19.39)
+
+    mlflow_port, bento_port = services.free_ports(2)
+    info = stack.up(("mlflow", "bento"), backend_store_uri=store, mlflow_port=mlflow_port, bento_port=bento_port)
+    try:
+        assert info["actions"] == {"mlflow": "started"}
+        assert info["bento"] is None and "mri-platform build" in info["notes"][0]
+        assert info["mlflow"] == f"http://{HOST}:{mlflow_port}"
+        assert (info["ray_dashboard"], info["s3"]) == (None, None)
+        served = MlflowClient(tracking_uri=info["mlflow"]).get_run(run_id)
+        assert served.data.metrics["val_psnr"] == 19.39
+    finally:
+        assert stack.down() == ["mlflow"]
+    assert stack.status()["mlflow"] is None
+
+
+# ------------------------------------------------------------------------------------- no servers needed
+
+
+def test_a_taken_port_fails_at_once_naming_the_option(tmp_path: Path) -> None:
+    import socket
+
+    env = _env(tmp_path / "home")
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _cli(env, "up", "--only", "mlflow", "--mlflow-port", str(port), timeout=60)
+    assert done.returncode == 1
+    assert f"port {port}" in done.stderr and "--mlflow-port" in done.stderr
+    assert _status(env)["services"] == {}  # nothing was started
+
+
+def test_nothing_running_is_reported_not_an_error(tmp_path: Path) -> None:
+    env = _env(tmp_path / "home")
+    assert "no stack is running" in _cli(env, "status", timeout=60).stdout
+    done = _cli(env, "down", timeout=60)
+    assert done.returncode == 0 and "nothing to stop" in done.stdout
+    with pytest.raises(ValueError, match="choose among ray,mlflow,s3,bento"):
+        stack.up(["redis"])
+
+
+# ------------------------------------------------------------------------------------------------ the Bento
+
+
+@pytest.mark.slow
+def test_up_serves_the_built_bento_and_a_second_up_keeps_it(built_bento: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BENTOML_HOME", str(built_bento["bentoml_home"]))  # where `mri-platform build` left it
+    [port] = services.free_ports(1)
+    info = stack.up(("bento",), bento_port=port)
+    try:
+        assert info["actions"] == {"bento": "started"} and info["notes"] == []
+        assert info["bento"] == f"http://{HOST}:{port}" and info["bento_tag"] == built_bento["tag"]
+        assert _get(f"{info['bento']}/readyz") == 200
+        again = stack.up(("bento",), bento_port=port)
+        assert again["actions"] == {"bento": "already running"}
+        assert again["services"]["bento"]["pid"] == info["services"]["bento"]["pid"]
+    finally:
+        assert stack.down() == ["bento"]
+    assert _get(f"http://{HOST}:{port}/readyz") is None

@@ -12,7 +12,9 @@ from mri_platform.tracking import resolve_tracking_uri
 from mri_platform.train import fit
 
 
-def run_demo(preset: str = "demo", tracking_uri: str | None = None, search_preset: str | None = "demo") -> dict:
+def run_demo(
+    preset: str = "demo", tracking_uri: str | None = None, search_preset: str | None = "demo", serve: bool = True
+) -> dict:
     from tuning.search import build_search, init_ray, print_table, run_search
 
     started = time.perf_counter()
@@ -34,8 +36,10 @@ def run_demo(preset: str = "demo", tracking_uri: str | None = None, search_prese
         print(f"\n== search ({search_preset} preset): width, epochs and learning rate with Ray Tune ==", flush=True)
         sweep = run_search(build_search(search_preset), {"tracking_uri": uri}, registered_model=config.registered_model)
         print_table(sweep)
+    served = _serve(config.registered_model, uri) if serve else None
     summary = {
         "tracking_uri": uri,
+        "served": served,
         "models": {name: r.to_json() for name, r in results.items()},
         "promotion": outcome,
         "search": sweep,
@@ -46,6 +50,21 @@ def run_demo(preset: str = "demo", tracking_uri: str | None = None, search_prese
     out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     _print_summary(summary, out)
     return summary
+
+
+def _serve(registered_model: str, uri: str) -> dict:
+    """Build the champion's Bento and leave the MLflow UI and the Bento running in the background."""
+    from mri_platform import stack
+    from service.build import build
+
+    print("\n== serving: the champion as a Bento, and the MLflow UI ==", flush=True)
+    bento = build(f"models:/{registered_model}@champion", uri)
+    print(f"built Bento {bento['bento']} from {bento['metadata']['model_uri']}", flush=True)
+    try:
+        status = stack.up(("mlflow", "bento"), backend_store_uri=uri, bento=bento["bento"], progress=print)
+    except stack.StackError as exc:  # a port taken, say: the training results are kept all the same
+        return {"bento": bento["bento"], "error": str(exc)}
+    return {"bento": bento["bento"], "mlflow": status["mlflow"], "endpoint": status["bento"]}
 
 
 def _print_summary(summary: dict, out) -> None:
@@ -61,9 +80,19 @@ def _print_summary(summary: dict, out) -> None:
     if sweep and sweep["promotion"]:
         print(f"promotion after the search: {sweep['promotion']['reason']}")
     print(f"champion:  models:/{promotion['name']}@champion -> version {summary['champion']}")
-    uri = summary["tracking_uri"]
+    uri, served = summary["tracking_uri"], summary["served"]
     print("\nwhere to look:")
-    print(f"  MLflow UI:    .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000  -> http://127.0.0.1:5000")
+    if served and not served.get("error"):
+        endpoint = served["endpoint"]
+        print(f"  MLflow UI:    {served['mlflow']}   (runs, metrics, figures, the registry)")
+        print(f"  web page:     {endpoint}/ui   (upload a scan, see it denoised)")
+        print(f"  endpoint:     {endpoint}/denoise  (also /denoise_image, /denoise_volume; API docs: {endpoint}/)")
+        print(f"  model info:   curl {endpoint}/info")
+        print("  both run in the background: `make down` (or `mri-platform stack down`) stops them")
+    else:
+        if served:
+            print(f"  (not serving: {served['error']})")
+        print(f"  MLflow UI:    .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000  -> http://127.0.0.1:5000")
     for name, r in summary["models"].items():
         print(f"  {name} figure:   {r['figure_path']}")
     print(f"  summary:      {out}  ({summary['elapsed_s']:.0f} s)")

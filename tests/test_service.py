@@ -321,3 +321,18 @@ def test_health_readiness_and_metrics(bento_server):
         assert _request(bento_server.url, path)[0] == 200
     status, _, body = _request(bento_server.url, "/metrics")
     assert status == 200 and b"bentoml_service_request_total" in body
+
+
+@pytest.mark.slow
+def test_the_python_client_round_trips_and_reports_errors(bento_server, held_out):
+    from service.client import Client, ServiceError
+
+    client = Client(bento_server.url)
+    assert client.info()["model_uri"].startswith("models:/mri-denoiser/")
+    noisy = _noisy(held_out[:4])
+    np.testing.assert_allclose(client.denoise(noisy), _denoise(bento_server.url, noisy), atol=1e-6)
+    png = client.denoise_image(_png(noisy[0], size=(96, 80)))
+    assert Image.open(io.BytesIO(png)).size == (96, 80)
+    with pytest.raises(ServiceError) as caught:
+        client.denoise_image(b"not an image at all")
+    assert caught.value.status == 400 and "not an image" in caught.value.message

@@ -1,0 +1,449 @@
+"""Serving throughput: a real `bentoml serve` of AE1 and AE2 under closed-loop load, adaptive batching on vs off.
+
+Each model is registered in a temporary sqlite MLflow registry, imported into a temporary BentoML store the way
+`mri-platform build` does it, and served (one server at a time) with MRI_SERVICE_BATCHING=on, then off. A closed
+loop of 1, 8, 32 and 64 clients (threads with keep-alive connections) posts one 64x64 slice per request to
+/denoise; each level warms up, then runs until --requests answers or --seconds, whichever comes first. The batch
+sizes that formed come from the server's Prometheus histogram (before/after each level). With no server running,
+the same `Denoiser` the service runs is then timed in this process at those batch sizes: the ceiling.
+
+The load generator runs on the same cores as the server (2 on this machine kind): its CPU use is printed beside
+the server's so that a client-bound result is visible. Untrained weights: throughput does not depend on them.
+Run inside a loopback-only namespace: `scripts/isolated .venv/bin/python benchmarks/serve_throughput.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from mri_platform import services
+
+ROOT = Path(__file__).resolve().parent.parent
+"""Where `bentoml serve` runs, so that it imports the service from this checkout."""
+TARGET = "service.service:MRIDenoiser"
+BATCH_METRIC = "bentoml_service_adaptive_batch_size"
+"""BentoML's histogram of requests merged per batch (observed once per batch; here 1 request = 1 slice)."""
+REGISTERED = "mri-denoiser"
+OTHER_CPU_WARNING = 0.2
+"""Cores used by other processes during a level above which the report warns that the figures are distorted."""
+TIMEOUT_S = 30.0
+"""A request that takes longer counts as an error; bounds the drain at the end of a level."""
+
+
+@dataclass
+class Level:
+    """One concurrency level against one server."""
+
+    model: str
+    batching: str
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    rps: float
+    """Answers with status 200 per second (one slice each)."""
+    p50_ms: float
+    """Latency percentiles of the 200 answers."""
+    p99_ms: float
+    mean_batch: float | None
+    """Requests per forward pass from the server's histogram; None with batching off (every request alone)."""
+    client_cpu: float
+    """Cores the load generator (this process) used on average."""
+    server_cpu: float
+    """Cores the server's process tree used on average."""
+    other_cpu: float
+    """Cores everything else on the machine used meanwhile: other people's jobs distort the figures."""
+    statuses: dict[str, int] = field(default_factory=dict)
+    """Errors by status (0: no answer within the timeout, or the connection failed)."""
+    ceiling_batch: int = 1
+    """The batch size the ceiling is taken at: the mean batch, rounded."""
+    ceiling_ips: float = 0.0
+    """In-process slices/s of the model at that batch size."""
+
+
+@dataclass
+class Server:
+    """One `bentoml serve` (one worker): how long it took to answer /readyz, and its memory after the load."""
+
+    model: str
+    batching: str
+    ready_s: float
+    rss_mb: float
+    pss_mb: float
+    processes: int
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+def prepare_models(names: list[str], folder: Path) -> dict[str, tuple[str, Path]]:
+    """Register each model in a sqlite registry and import it into BentoML's store; name -> (tag, checkpoint).
+
+    Both go under one registered name so that their versions (and so BentoML tags v1, v2) differ.
+    """
+    import torch
+
+    from mri_platform import tracking
+    from mri_platform.checkpoints import save_checkpoint
+    from mri_platform.config import build_config
+    from mri_platform.models import ModelConfig, build_model
+    from mri_platform.noise import NoiseConfig
+    from service.build import import_model
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    prepared = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig.named(name)).eval()
+        (folder / name).mkdir()
+        checkpoint = save_checkpoint(
+            folder / name / "checkpoint.pt",
+            model,
+            noise=NoiseConfig().to_dict(),
+            data={"size": 64, "source": "benchmark"},
+            epoch=0,
+        )
+        config = build_config(None, model=name, tracking_uri=uri, registered_model=REGISTERED)
+        run_id = tracking.client(uri).create_run(tracking.experiment_id(uri, config.experiment)).info.run_id
+        _, version = tracking.log_model(uri, run_id, model, checkpoint, {"psnr": 0.0, "ssim": 0.0}, config)
+        prepared[name] = (import_model(f"models:/{REGISTERED}/{version}", uri)["tag"], checkpoint)
+    return prepared
+
+
+# ------------------------------------------------------------------------------------------------- server
+
+
+@contextlib.contextmanager
+def serve(tag: str, batching: str, state: Path, home: Path) -> Iterator[tuple[services.Service, float]]:
+    """A `bentoml serve` of the service with this model; yields it and its ready time; always stopped."""
+    started = time.perf_counter()
+    env = {"MRI_SERVICE_MODEL": tag, "MRI_SERVICE_BATCHING": batching}
+    server = services.start_bento(state, TARGET, bentoml_home=home, env=env, cwd=ROOT)
+    ready = time.perf_counter() - started  # start_bento polls /readyz every 0.25 s
+    try:
+        yield server, ready
+    finally:
+        services.stop(server)
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        leader = psutil.Process(pid)
+        return [leader, *leader.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by the server's live processes."""
+    total = 0.0
+    for proc in _tree(pid):
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def busy_cpu() -> float:
+    """CPU seconds the machine's processes have spent running (user + system, nice included).
+
+    Interrupt time is left out: the loopback traffic of the benchmark itself is accounted there.
+    """
+    times = psutil.cpu_times()
+    return times.user + times.nice + times.system
+
+
+def tree_memory(pid: int) -> tuple[float, float, int]:
+    """(RSS, PSS) in MB summed over the server's processes, and their number. RSS counts the pages the processes
+    share (torch's libraries, mapped by both the `bentoml serve` parent and its worker) once per process; PSS
+    splits them between the processes, so it is the fairer total."""
+    rss = pss = 0
+    procs = _tree(pid)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            info = proc.memory_full_info()
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
+    return rss / 2**20, pss / 2**20, len(procs)
+
+
+def batch_histogram(url: str) -> tuple[float, float]:
+    """(sum, count) of the adaptive batch size histogram for /denoise, summed over workers."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    totals = {"sum": 0.0, "count": 0.0}
+    pattern = re.compile(rf"^{BATCH_METRIC}_(sum|count)\{{([^}}]*)\}} ([0-9.eE+-]+)$", re.MULTILINE)
+    for kind, labels, value in pattern.findall(text):
+        if 'method_name="denoise"' in labels:
+            totals[kind] += float(value)
+    return totals["sum"], totals["count"]
+
+
+# ------------------------------------------------------------------------------------------------- load
+
+
+class _Budget:
+    """Hands out at most `limit` request slots until `deadline`: the level's two bounds in one place."""
+
+    def __init__(self, limit: int, seconds: float):
+        self.left, self.deadline, self.lock = limit, time.perf_counter() + seconds, threading.Lock()
+
+    def take(self) -> bool:
+        with self.lock:
+            if self.left <= 0 or time.perf_counter() >= self.deadline:
+                return False
+            self.left -= 1
+            return True
+
+
+def _client(host: str, port: int, body: bytes, budget: _Budget, out: list[tuple[float, int]]) -> None:
+    """One closed-loop client: a keep-alive connection, the next request as soon as the answer is read."""
+    headers = {"Content-Type": "application/json", "Connection": "keep-alive"}
+    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT_S)
+    while budget.take():
+        started = time.perf_counter()
+        try:
+            conn.request("POST", "/denoise", body, headers)
+            response = conn.getresponse()
+            response.read()  # not decoded: the client's CPU should go to sending load, not to JSON parsing
+            status = response.status
+        except (OSError, http.client.HTTPException):
+            status = 0  # refused, reset or timed out: counted as an error, with a fresh connection
+            conn.close()
+            conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT_S)
+        out.append((time.perf_counter() - started, status))
+    conn.close()
+
+
+def drive(url: str, body: bytes, concurrency: int, seconds: float, requests: int) -> tuple[list, float, float]:
+    """Run `concurrency` closed-loop clients; returns ([(latency s, status)], wall s, this process's CPU s)."""
+    host, port = url.removeprefix("http://").split(":")
+    budget = _Budget(requests, seconds)
+    results: list[list[tuple[float, int]]] = [[] for _ in range(concurrency)]
+    threads = [
+        threading.Thread(target=_client, args=(host, int(port), body, budget, results[i]), daemon=True)
+        for i in range(concurrency)
+    ]
+    cpu, started = time.process_time(), time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(seconds + TIMEOUT_S + 5)
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return [r for per_client in results for r in per_client], wall, cpu
+
+
+def check_answer(url: str, body: bytes) -> None:
+    """One request decoded in full: the load itself only counts status codes."""
+    request = urllib.request.Request(f"{url}/denoise", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+        shape = np.asarray(json.load(response), dtype=np.float32).shape
+    if shape != (1, 64, 64):
+        raise RuntimeError(f"/denoise answered shape {shape}, expected (1, 64, 64)")
+
+
+def run_level(
+    server: services.Service, model: str, batching: str, body: bytes, concurrency: int, args: argparse.Namespace
+) -> Level:
+    """Warm up (unmeasured: the dispatcher trains its latency model on the first batches), then measure."""
+    drive(server.url, body, concurrency, args.warmup, 10**9)
+    before, server_cpu, busy = batch_histogram(server.url), tree_cpu(server.pid), busy_cpu()
+    results, wall, client_cpu = drive(server.url, body, concurrency, args.seconds, args.requests)
+    server_cpu, busy = tree_cpu(server.pid) - server_cpu, busy_cpu() - busy
+    after = batch_histogram(server.url)
+    ok = np.array([latency for latency, status in results if status == 200]) * 1000
+    batches = after[1] - before[1]
+    return Level(
+        model=model,
+        batching=batching,
+        concurrency=concurrency,
+        requests=len(results),
+        errors=len(results) - len(ok),
+        seconds=wall,
+        rps=len(ok) / wall,
+        p50_ms=float(np.percentile(ok, 50)) if len(ok) else float("nan"),
+        p99_ms=float(np.percentile(ok, 99)) if len(ok) else float("nan"),
+        mean_batch=(after[0] - before[0]) / batches if batches else None,
+        client_cpu=client_cpu / wall,
+        server_cpu=server_cpu / wall,
+        other_cpu=max(0.0, busy - client_cpu - server_cpu) / wall,
+        statuses={str(k): v for k, v in Counter(status for _, status in results).items() if k != 200},
+    )
+
+
+# ------------------------------------------------------------------------------------------------- ceiling
+
+
+ROUNDS = 5
+
+
+def in_process(checkpoint: Path, batch_sizes: list[int], seconds: float) -> dict[int, float]:
+    """Slices/s of the service's own `Denoiser` at each batch size, in this process with no server running.
+
+    The best of several short rounds, taken in turn over the batch sizes, so that a burst of other work on the
+    machine lowers one round rather than one batch size's figure.
+    """
+    from service.denoiser import Denoiser, configure_threads
+
+    configure_threads()  # as the service does: every core for one forward pass
+    denoiser = Denoiser(checkpoint)
+    rng = np.random.default_rng(0)
+    batches = {size: rng.random((size, 64, 64), dtype=np.float32) for size in batch_sizes}
+    for batch in batches.values():
+        denoiser(batch)
+    speeds = dict.fromkeys(batch_sizes, 0.0)
+    for _ in range(ROUNDS):
+        for size, batch in batches.items():
+            done, started = 0, time.perf_counter()
+            while done < 2 or time.perf_counter() - started < seconds / ROUNDS:
+                denoiser(batch)
+                done += 1
+            speeds[size] = max(speeds[size], size * done / (time.perf_counter() - started))
+    return speeds
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def print_tables(levels: list[Level], servers: list[Server]) -> None:
+    header = (
+        "| model | concurrency | batching | req/s | p50 ms | p99 ms | errors | mean batch "
+        "| in-process img/s at that batch | served/ceiling % | client CPU | server CPU | other CPU |"
+    )
+    for model in dict.fromkeys(level.model for level in levels):
+        rows = sorted((lv for lv in levels if lv.model == model), key=lambda lv: (lv.concurrency, lv.batching))
+        print(f"\n### {model.upper()}\n\n{header}\n|{'---|' * header.count('|', 1)}")
+        for lv in rows:
+            batch = f"{lv.mean_batch:.1f}" if lv.mean_batch is not None else "1 (off)"
+            errors = f"{lv.errors}" + (f" {lv.statuses}" if lv.statuses else "")
+            share = 100 * lv.rps / lv.ceiling_ips
+            print(
+                f"| {model} | {lv.concurrency} | {lv.batching} | {lv.rps:.0f} | {lv.p50_ms:.1f} | {lv.p99_ms:.1f} "
+                f"| {errors} | {batch} | {lv.ceiling_ips:.0f} (b={lv.ceiling_batch}) | {share:.0f} "
+                f"| {lv.client_cpu:.2f} | {lv.server_cpu:.2f} | {lv.other_cpu:.2f} |"
+            )
+        by = {(lv.concurrency, lv.batching): lv for lv in rows}
+        summary = []
+        if (32, "on") in by and (32, "off") in by:
+            on, off = by[(32, "on")], by[(32, "off")]
+            summary.append(f"adaptive batching speed-up at concurrency 32: {on.rps / off.rps:.2f}x")
+            summary.append(f"p99 at concurrency 32 (on): {on.p99_ms:.0f} ms")
+        if (64, "on") in by:
+            top = by[(64, "on")]
+            summary.append(f"served/ceiling at concurrency 64 (on): {100 * top.rps / top.ceiling_ips:.0f} %")
+        if summary:
+            print(f"\n{model.upper()}: " + "; ".join(summary))
+    print("\n| model | batching | ready s | RSS MB (tree) | PSS MB (tree) | processes |\n|---|---|---|---|---|---|")
+    for s in servers:
+        print(f"| {s.model} | {s.batching} | {s.ready_s:.1f} | {s.rss_mb:.0f} | {s.pss_mb:.0f} | {s.processes} |")
+
+
+def measure_model(
+    name: str, tag: str, checkpoint: Path, body: bytes, folder: Path, args: argparse.Namespace
+) -> tuple[list[Level], list[Server], dict[int, float]]:
+    """Every level against a server with batching on, then off; then the in-process ceiling, with no server up."""
+    levels, servers = [], []
+    for batching in ("on", "off"):
+        with serve(tag, batching, folder / f"serve-{name}-{batching}", folder / "bentoml") as (server, ready):
+            check_answer(server.url, body)
+            for concurrency in args.concurrency:
+                level = run_level(server, name, batching, body, concurrency, args)
+                levels.append(level)
+                batch = f"{level.mean_batch:.1f}" if level.mean_batch is not None else "-"
+                print(
+                    f"{name} batching={batching} c={concurrency}: {level.rps:.0f} req/s, p99 {level.p99_ms:.0f} ms, "
+                    f"{level.errors} errors, mean batch {batch}, other CPU {level.other_cpu:.2f}",
+                    flush=True,
+                )
+            servers.append(Server(name, batching, ready, *tree_memory(server.pid)))
+    for level in levels:
+        level.ceiling_batch = max(1, round(level.mean_batch)) if level.mean_batch is not None else 1
+    sizes = sorted({1, 8, 32, 64, *(level.ceiling_batch for level in levels)})
+    busy, own, started = busy_cpu(), time.process_time(), time.perf_counter()
+    speeds = in_process(checkpoint, sizes, args.ceiling_seconds)
+    wall = time.perf_counter() - started
+    other = max(0.0, busy_cpu() - busy - (time.process_time() - own)) / wall
+    speeds_text = ", ".join(f"b={b}: {v:.0f}" for b, v in speeds.items())
+    print(f"{name} in-process img/s: {speeds_text} (other CPU {other:.2f})", flush=True)
+    for level in levels:
+        level.ceiling_ips = speeds[level.ceiling_batch]
+    return levels, servers, speeds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="ae1,ae2", type=lambda v: [m.strip() for m in v.split(",")])
+    parser.add_argument("--concurrency", default="1,8,32,64", type=lambda v: [int(c) for c in v.split(",")])
+    parser.add_argument("--seconds", type=float, default=6.0, help="time cap of each measured level")
+    parser.add_argument("--requests", type=int, default=5000, help="request cap of each measured level")
+    parser.add_argument("--warmup", type=float, default=1.5, help="seconds of load before each level, not measured")
+    parser.add_argument(
+        "--ceiling-seconds", type=float, default=2.5, help="time per in-process batch size (best of 5 rounds)"
+    )
+    parser.add_argument("--json", type=Path, help="write every measurement here")
+    args = parser.parse_args()
+    began = time.perf_counter()
+    slice_ = np.random.default_rng(0).random((1, 64, 64), dtype=np.float32)
+    body = json.dumps({"slices": np.round(slice_, 4).tolist()}).encode()  # one slice per request, sent every time
+
+    levels: list[Level] = []
+    servers: list[Server] = []
+    ceilings: dict[str, dict[int, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        folder = Path(tmp)
+        os.environ["MRI_PLATFORM_HOME"] = str(folder / "state")
+        os.environ["BENTOML_HOME"] = str(folder / "bentoml")  # read by BentoML when first imported (import_model)
+        os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+        prepared = prepare_models(args.models, folder)
+        for name, (tag, checkpoint) in prepared.items():
+            model_levels, model_servers, ceilings[name] = measure_model(name, tag, checkpoint, body, folder, args)
+            levels += model_levels
+            servers += model_servers
+
+    print_tables(levels, servers)
+    busiest = max((level.other_cpu for level in levels), default=0.0)
+    if busiest > OTHER_CPU_WARNING:
+        print(
+            f"\nWARNING: other processes used up to {busiest:.2f} of the {psutil.cpu_count()} cores during the "
+            "levels (column 'other CPU'): the figures are lower and noisier than on a quiet machine."
+        )
+    print(
+        f"\nmachine: {psutil.cpu_count()} cores, torch {torch_threads()} threads for a forward pass (in the server "
+        "and in-process); the load generator shares those cores with the server (client / server / other CPU in "
+        "cores). One slice per request; mean batch = requests merged per forward pass (BentoML's "
+        f"adaptive_batch_size histogram). Whole run: {time.perf_counter() - began:.0f} s."
+    )
+    if args.json:
+        report = {
+            "levels": [asdict(level) for level in levels],
+            "servers": [asdict(server) for server in servers],
+            "in_process_img_per_s": ceilings,
+            "cores": psutil.cpu_count(),
+        }
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    main()

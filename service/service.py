@@ -64,7 +64,7 @@ class Settings:
     max_batch_size: int = 32
     """MRI_SERVICE_MAX_BATCH_SIZE: most requests merged into one forward pass (AE1 on 2 cores is fastest per slice
     at 8-16 and slower beyond 32, see the serving benchmark)."""
-    max_latency_ms: int = 1000
+    max_latency_ms: int = 3000
     """MRI_SERVICE_MAX_LATENCY_MS: the latency budget of a batched request; beyond it BentoML answers 503."""
     precision: str = "fp32"
     """MRI_SERVICE_PRECISION: fp32, or bf16 autocast (faster on CPUs with bf16 units)."""

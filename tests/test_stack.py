@@ -200,6 +200,29 @@ def test_the_mlflow_ui_shows_the_run_and_the_registered_model(platform: dict, br
 
 
 @pytest.mark.slow
+def test_the_trained_model_is_built_from_the_stack_registry_and_served(platform: dict) -> None:
+    """Journey 3: `mri-platform build` against the stack's MLflow server, then `stack up` adds the Bento."""
+    if "journey" not in platform:
+        pytest.skip("needs the training job of the previous tests")
+    info = _status(platform["env"])
+    build = subprocess.run(
+        [sys.executable, "-m", "mri_platform", "build", "--model-uri", "models:/mri-denoiser/1",
+         "--tracking-uri", info["mlflow"]],
+        env=platform["env"], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout + build.stderr
+    assert "built Bento mri-denoiser:v1" in build.stdout
+    again = _cli(platform["env"], "up", *platform["args"])
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "bento: started" in again.stdout and "ray: already running" in again.stdout
+    bento = _status(platform["env"])["bento"]
+    assert bento == f"http://{HOST}:{platform['ports']['bento']}"
+    with urllib.request.urlopen(f"{bento}/info", timeout=30) as response:
+        served = json.load(response)
+    assert served["model_uri"] == "models:/mri-denoiser/1" and served["run_id"] == platform["journey"]["run_id"]
+
+
+@pytest.mark.slow
 def test_up_restarts_a_server_that_died_and_says_so(platform: dict) -> None:
     record = stack.load(platform["folder"])
     old = record["mlflow"]

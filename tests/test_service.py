@@ -336,3 +336,32 @@ def test_the_python_client_round_trips_and_reports_errors(bento_server, held_out
     with pytest.raises(ServiceError) as caught:
         client.denoise_image(b"not an image at all")
     assert caught.value.status == 400 and "not an image" in caught.value.message
+
+
+@pytest.mark.slow
+def test_mri_platform_serve_serves_the_latest_bento_on_the_port_asked(built_bento, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from mri_platform import services
+
+    port = services.free_port()
+    env = {**os.environ, "MRI_PLATFORM_HOME": str(built_bento["state"] / "home"),
+           "BENTOML_HOME": str(built_bento["bentoml_home"])}  # fmt: skip
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115  (closed below, after the server stops)
+    proc = subprocess.Popen([sys.executable, "-m", "mri_platform", "serve", "--port", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    server = services.Service("bento", f"http://127.0.0.1:{port}", proc.pid, tmp_path / "serve.log")
+    try:
+        deadline = time.monotonic() + 90
+        while services._http_status(f"{server.url}/readyz") != 200 and proc.poll() is None:
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
+            time.sleep(0.5)
+        info = json.loads(_request(server.url, "/info")[2])
+        assert info["model_tag"] == built_bento["tag"]
+        assert f"serving {built_bento['tag']} on http://127.0.0.1:{port}" in (tmp_path / "serve.log").read_text()
+    finally:
+        services.stop(server)
+        log.close()

@@ -248,7 +248,7 @@ def build(
 
 @app.command()
 def serve(
-    bento: Annotated[str | None, typer.Option(help="Bento tag (default: the latest mri-denoiser built).")] = None,
+    bento: Annotated[str | None, typer.Option(help="Bento name or tag (default: the latest built).")] = None,
     port: Annotated[int, typer.Option(help="HTTP port.")] = 3000,
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the service to the network.")] = (
         "127.0.0.1"
@@ -256,14 +256,15 @@ def serve(
 ) -> None:
     """Serve the built Bento with `bentoml serve` in the foreground (Ctrl-C stops it)."""
     from mri_platform.config import bentoml_home
-    from service.build import _bentoml_cli, latest_bento
+    from mri_platform.services import find_bentoml
+    from mri_platform.stack import BENTO, built_bento
 
     os.environ["BENTOML_HOME"] = str(bentoml_home())
-    tag = bento or latest_bento()
+    tag, missing = built_bento(bento or BENTO)
     if tag is None:
-        raise _fail(f"no mri-denoiser Bento in {os.environ['BENTOML_HOME']}; build one first: mri-platform build")
+        raise _fail(missing)
     typer.echo(f"serving {tag} on http://{host}:{port}  (page: http://{host}:{port}/ui, model: /info)")
-    cli = _bentoml_cli()
+    cli = find_bentoml()
     os.execvpe(cli, [cli, "serve", tag, "--host", host, "--port", str(port)], os.environ)
 
 

@@ -152,15 +152,21 @@ def _square_pixels(image: np.ndarray, spacing: tuple[float, float]) -> np.ndarra
 # Volumes
 
 
-def _normalise(volume: np.ndarray) -> np.ndarray:
-    """Robust per-volume scaling to [0, 1]: percentiles of the non-zero voxels ignore the background and outliers."""
-    volume = np.nan_to_num(volume.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
+def intensity_window(volume: np.ndarray) -> tuple[float, float]:
+    """The intensities mapped to 0 and 1: percentiles of the non-zero voxels ignore the background and outliers."""
     foreground = volume[volume != 0]
     if foreground.size == 0:
         raise _Skip("every voxel is zero (or NaN); nothing to slice")
-    low, high = np.percentile(foreground, [0.5, 99.5])
+    low, high = (float(v) for v in np.percentile(foreground, [0.5, 99.5]))
     if high <= low:
         raise _Skip(f"constant intensity ({low:g}); there is no image in it")
+    return low, high
+
+
+def _normalise(volume: np.ndarray) -> np.ndarray:
+    """Robust per-volume scaling to [0, 1] with :func:`intensity_window`."""
+    volume = np.nan_to_num(volume.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = intensity_window(volume)
     return np.clip((volume - low) / (high - low), 0.0, 1.0)
 
 

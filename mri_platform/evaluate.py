@@ -31,6 +31,12 @@ def load_model(uri_or_path: str, tracking_uri: str | None = None) -> tuple[torch
             f"{uri_or_path} is neither an existing checkpoint path nor a model URI "
             "such as models:/mri-denoiser@champion"
         )
+    return load_checkpoint(download_checkpoint(uri_or_path, tracking_uri))
+
+
+def download_checkpoint(model_uri: str, tracking_uri: str | None = None, dst: Path | None = None) -> Path:
+    """The checkpoint file inside a logged model (models:/..., runs:/...), downloaded into ``dst`` (default: a new
+    temporary folder)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -40,13 +46,13 @@ def load_model(uri_or_path: str, tracking_uri: str | None = None) -> tuple[torch
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri_or_path, dst_path=tempfile.mkdtemp())
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst or tempfile.mkdtemp()))
     except MlflowException as exc:
-        raise ValueError(f"cannot load {uri_or_path} from the tracking store {uri}: {exc.message}") from exc
+        raise ValueError(f"cannot load {model_uri} from the tracking store {uri}: {exc.message}") from exc
     found = sorted(Path(local).rglob(FILENAME))
     if not found:
-        raise ValueError(f"{uri_or_path} holds no {FILENAME}: it was not logged by mri-platform")
-    return load_checkpoint(found[0])
+        raise ValueError(f"{model_uri} holds no {FILENAME}: it was not logged by mri-platform")
+    return found[0]
 
 
 @torch.inference_mode()

@@ -86,18 +86,23 @@ def free_ports(count: int) -> list[int]:
         return ports
 
 
-def _require_free(port: int | None) -> None:
-    """Fail fast on a port asked for explicitly but taken, instead of waiting out the startup timeout."""
-    if port is None:
-        return
+def port_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` of 127.0.0.1 now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         # As the servers themselves do: without it the TIME_WAIT connections a stopped server leaves on its port
         # (for a minute) make the port look taken; a socket listening on it is still refused.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
-        except OSError as error:
-            raise RuntimeError(f"port {port} on {HOST} is taken ({error}); pick another or leave it None") from None
+        except OSError:
+            return False
+    return True
+
+
+def _require_free(port: int | None) -> None:
+    """Fail fast on a port asked for explicitly but taken, instead of waiting out the startup timeout."""
+    if port is not None and not port_free(port):
+        raise RuntimeError(f"port {port} on {HOST} is taken; pick another or leave it None")
 
 
 # --------------------------------------------------------------------------------------------- SeaweedFS
@@ -138,7 +143,7 @@ def start_seaweedfs(
     data_dir = home / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     identities = home / "identities.json"
-    _write_private(identities, json.dumps(_s3_identities(access_key, secret_key), indent=2))
+    write_private(identities, json.dumps(_s3_identities(access_key, secret_key), indent=2))
 
     names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3_grpc"]
     ports = dict(zip(names, free_ports(len(names)), strict=True))
@@ -372,7 +377,7 @@ def start_ray_head(
 
     token = secrets.token_hex(32)
     token_path = home / "auth_token"
-    _write_private(token_path, token)
+    write_private(token_path, token)
     # A client needs both: without RAY_AUTH_MODE=token it sends no token even when one is set. RAY_AUTH_TOKEN
     # wins over RAY_AUTH_TOKEN_PATH and ~/.ray/auth_token, so a stale value in the caller's env cannot shadow it.
     client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
@@ -453,6 +458,12 @@ def _ray_agent_ready(url: str, headers: Mapping[str, str]) -> bool:
 # ------------------------------------------------------------------------------------------------ Bento
 
 
+def find_bentoml() -> str:
+    """The ``bentoml`` CLI of this Python's environment (so it sees this project), else the one on PATH."""
+    candidate = Path(sys.executable).parent / "bentoml"
+    return str(candidate) if candidate.is_file() else "bentoml"
+
+
 def start_bento(
     state_dir: Path,
     target: str,
@@ -476,8 +487,7 @@ def start_bento(
     if bentoml_home is not None:
         server_env["BENTOML_HOME"] = str(Path(bentoml_home).resolve())
     server_env.update(env or {})
-    bentoml_cli = Path(sys.executable).parent / "bentoml"
-    cmd = [str(bentoml_cli) if bentoml_cli.is_file() else "bentoml", "serve", target, "--host", HOST]
+    cmd = [find_bentoml(), "serve", target, "--host", HOST]
     cmd += ["--port", str(port)]
     url = f"http://{HOST}:{port}"
     service = _spawn("bento", cmd, Path(state_dir), env=server_env, cwd=Path(cwd or Path.cwd()), url=url)
@@ -674,7 +684,7 @@ def _exit_status(pid: int) -> int | None:
     return os.waitstatus_to_exitcode(status) if done else None
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Write a secret readable by its owner only (created 0600, never briefly world-readable)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)

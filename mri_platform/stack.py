@@ -17,9 +17,7 @@ import json
 import os
 import secrets
 import shlex
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -156,18 +154,13 @@ def built_bento(name: str = BENTO, bentoml_home: Path | None = None) -> tuple[st
 
     home = Path(bentoml_home or default_home())
     tag = name if ":" in name else f"{name}:latest"
-    missing = f"no Bento {tag} in BentoML's store {home}: build one with `mri-platform build`, then `stack up` again"
+    missing = f"no Bento {tag} in BentoML's store {home}: build one with `mri-platform build`"
     if not home.is_dir():  # nothing was ever built there; `bentoml` would create an empty store
         return None, missing
-    cli = Path(sys.executable).parent / "bentoml"
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     try:
         done = subprocess.run(
-            [str(cli) if cli.is_file() else "bentoml", "get", tag, "-o", "json"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
+            [services.find_bentoml(), "get", tag, "-o", "json"], env=env, capture_output=True, text=True, timeout=60
         )
         info = json.loads(done.stdout) if done.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired, ValueError) as error:
@@ -184,21 +177,8 @@ def _s3_keys(folder: Path) -> tuple[str, str]:
     if parser.read(path) and parser.has_option("default", "aws_secret_access_key"):
         return parser["default"]["aws_access_key_id"], parser["default"]["aws_secret_access_key"]
     access, secret = services.DEFAULT_S3_ACCESS_KEY, secrets.token_hex(20)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"[default]\naws_access_key_id = {access}\naws_secret_access_key = {secret}\n")
+    services.write_private(path, f"[default]\naws_access_key_id = {access}\naws_secret_access_key = {secret}\n")
     return access, secret
-
-
-def _port_free(port: int) -> bool:
-    """Whether a server could listen on ``port`` now (SO_REUSEADDR as servers set it: TIME_WAIT does not count)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
 
 
 def _check_components(components: Iterable[str]) -> list[str]:
@@ -361,7 +341,7 @@ def _changed(before: dict[str, Any], after: dict[str, Any]) -> str:
 def _check_ports(ports: dict[str, int]) -> None:
     """Fail before starting anything when a port is taken, naming the option that moves the service."""
     for name, port in ports.items():
-        if not _port_free(port):
+        if not services.port_free(port):
             suggestion = services.free_port()
             raise StackError(
                 f"port {port} on {HOST}, asked for {name}, is taken by another program; "

@@ -13,13 +13,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from mri_platform.checkpoints import FILENAME, read_checkpoint
 from mri_platform.config import bentoml_home
+from mri_platform.services import find_bentoml
 
 BENTO_NAME = "mri-denoiser"
 """The service's (and so the Bento's) name."""
@@ -67,12 +67,14 @@ def import_model(model_uri: str = "models:/mri-denoiser@champion", tracking_uri:
 
     Importing the same version again replaces the stored copy. Returns the stored model's tag and metadata.
     """
+    from mri_platform.evaluate import download_checkpoint  # imported here: the service needs none of it
     from mri_platform.tracking import client, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     name, version = resolve_version(model_uri, uri)
     details = client(uri).get_model_version(name, version)
-    checkpoint = _download_checkpoint(f"models:/{name}/{version}", uri)
+    download = Path(tempfile.mkdtemp(prefix="mri-import-"))
+    checkpoint = download_checkpoint(f"models:/{name}/{version}", uri, dst=download)
     payload = read_checkpoint(checkpoint)
     tags = details.tags
     metadata = {
@@ -97,22 +99,8 @@ def import_model(model_uri: str = "models:/mri-denoiser@champion", tracking_uri:
     labels = {"registry_version": version, "model_kind": metadata["model_kind"] or "custom"}
     with bentoml.models.create(tag, labels=labels, metadata=metadata) as stored:
         shutil.copy2(checkpoint, Path(stored.path) / FILENAME)
-    shutil.rmtree(checkpoint.parent, ignore_errors=True)
+    shutil.rmtree(download, ignore_errors=True)
     return {"tag": tag, "metadata": metadata}
-
-
-def _download_checkpoint(model_uri: str, tracking_uri: str) -> Path:
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    folder = Path(tempfile.mkdtemp(prefix="mri-import-"))
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(folder))
-    found = sorted(Path(local).rglob(FILENAME))
-    if not found:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise ValueError(f"{model_uri} holds no {FILENAME}: it was not logged by mri-platform")
-    return found[0]
 
 
 def build(
@@ -128,7 +116,7 @@ def build(
     with contextlib.suppress(bentoml.exceptions.NotFound):
         bentoml.bentos.delete(f"{BENTO_NAME}:{version}")
     env = {**os.environ, MODEL_ENV: imported["tag"], "BENTOML_HOME": os.environ["BENTOML_HOME"]}
-    cmd = [_bentoml_cli(), "build", str(PROJECT_ROOT), "--version", version, "--output", "tag"]
+    cmd = [find_bentoml(), "build", str(PROJECT_ROOT), "--version", version, "--output", "tag"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         output = f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -140,15 +128,3 @@ def build(
         "bentoml_home": os.environ["BENTOML_HOME"],
         "log": "" if quiet else result.stdout,
     }
-
-
-def _bentoml_cli() -> str:
-    candidate = Path(sys.executable).parent / "bentoml"
-    return str(candidate) if candidate.is_file() else "bentoml"
-
-
-def latest_bento() -> str | None:
-    """The most recently built ``mri-denoiser`` Bento's tag in the store, or None."""
-    bentoml = _bentoml()
-    bentos = sorted(bentoml.bentos.list(BENTO_NAME), key=lambda b: b.creation_time)
-    return str(bentos[-1].tag) if bentos else None

@@ -18,7 +18,12 @@ import nibabel as nib
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mri_platform.data import _resize, _Skip, _to_gray, intensity_window
 from mri_platform.noise import NoiseConfig, fixed_noisy
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_NIFTI1_MAGIC = (b"n+1\0", b"ni1\0")  # at byte 344 of a NIfTI-1 header
+_NIFTI2_MAGIC = (b"n+2\0", b"ni2\0")  # at byte 4 of a NIfTI-2 header
 
 
 class InputError(ValueError):
@@ -112,25 +117,14 @@ def read_image(content: bytes, limits: Limits) -> np.ndarray:
             )
         try:
             image.load()
-            return _to_gray(image)
+            return _to_gray(image)  # the training data's conversion, EXIF orientation included
         except Exception as exc:  # truncated or corrupt pixel data behind a valid header
             raise InputError(f"the image is corrupt or truncated ({type(exc).__name__}: {exc})") from None
 
 
-def _to_gray(image: Image.Image) -> np.ndarray:
-    """Gray pixels in [0, 1] for any Pillow mode (the same conversion the training data went through)."""
-    from mri_platform.data import _to_gray as to_gray  # applies the EXIF orientation too
-
-    return to_gray(image)
-
-
 def resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Lanczos resampling clipped to [0, 1] (as the training data was resized)."""
-    if image.shape == shape:
-        return image.astype(np.float32, copy=False)
-    from mri_platform.data import _resize
-
-    return _resize(image, shape)
+    """Lanczos resampling clipped to [0, 1], as the training data was resized (nothing to do at the same shape)."""
+    return image.astype(np.float32, copy=False) if image.shape == shape else _resize(image, shape)
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -167,7 +161,7 @@ def read_volume(content: bytes, limits: Limits) -> Volume:
     """An uploaded .nii or .nii.gz (3D, or 4D: every volume) as a :class:`Volume`, or InputError."""
     if not content:
         raise InputError("the upload is empty (0 bytes); attach a .nii or .nii.gz volume")
-    gzipped = content[:2] == b"\x1f\x8b"
+    gzipped = content[:2] == _GZIP_MAGIC
     raw, cap = content, limits.max_volume_voxels * 8 + 64 * 1024
     if gzipped:
         try:  # bounded: a gzip bomb stops at the voxel limit instead of filling memory
@@ -184,7 +178,7 @@ def read_volume(content: bytes, limits: Limits) -> Volume:
     if len(raw) < 348:
         raise InputError("not a NIfTI volume: the upload is shorter than a NIfTI header (348 bytes)")
     try:
-        kind = nib.Nifti2Image if raw[4:8] in (b"n+2\0", b"ni2\0") else nib.Nifti1Image
+        kind = nib.Nifti2Image if raw[4:8] in _NIFTI2_MAGIC else nib.Nifti1Image
         image = kind.from_bytes(raw)
     except Exception as exc:  # nibabel raises many types for garbage
         raise InputError(
@@ -213,15 +207,17 @@ def read_volume(content: bytes, limits: Limits) -> Volume:
     return Volume(image=image, data=data, gzipped=gzipped)
 
 
+def looks_like_nifti(content: bytes) -> bool:
+    """Gzip data or a NIfTI-1/2 magic: what /preview takes for a volume rather than an image."""
+    return content[:2] == _GZIP_MAGIC or content[344:348] in _NIFTI1_MAGIC or content[4:8] in _NIFTI2_MAGIC
+
+
 def volume_range(data: np.ndarray) -> tuple[float, float]:
-    """The intensity window mapped to [0, 1]: robust percentiles of the non-zero voxels, as in training."""
-    foreground = data[data != 0]
-    if foreground.size == 0:
-        raise InputError("every voxel of the volume is zero; there is nothing to denoise")
-    low, high = (float(v) for v in np.percentile(foreground, [0.5, 99.5]))
-    if high <= low:
-        raise InputError(f"the volume has constant intensity ({low:g}); there is nothing to denoise")
-    return low, high
+    """The intensity window mapped to [0, 1], the same as in training (:func:`mri_platform.data.intensity_window`)."""
+    try:
+        return intensity_window(data)
+    except _Skip as exc:
+        raise InputError(f"nothing to denoise in the volume: {exc}") from None
 
 
 def volume_to_slices(volume: Volume, size: int) -> tuple[np.ndarray, tuple[float, float]]:

@@ -322,7 +322,7 @@ class MRIDenoiser:
         return result
 
     def _preview_slice(self, content: bytes) -> np.ndarray:
-        if content[:2] == b"\x1f\x8b" or content[344:348] in (b"n+1\0", b"ni1\0") or content[4:8] == b"n+2\0":
+        if imaging.looks_like_nifti(content):
             volume = imaging.read_volume(content, SETTINGS.limits)
             slices, _ = imaging.volume_to_slices(volume, self.size)
             return slices[volume.data.shape[2] // 2]  # the middle slice of the first 3D volume

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from mri_platform.models import DenoisingAutoencoder, ModelConfig, build_model
+from mri_platform.models import ModelConfig, build_model
 from mri_platform.noise import NoiseConfig
 
 FORMAT = "mri-platform/checkpoint-v1"
@@ -49,7 +49,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_checkpoint(path: str | Path) -> tuple[DenoisingAutoencoder, dict[str, Any]]:
+def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the model in eval mode from a checkpoint; returns (model, the checkpoint's other fields)."""
     payload = read_checkpoint(path)
     model = build_model(ModelConfig(**payload["model"]))
@@ -61,3 +61,23 @@ def load_checkpoint(path: str | Path) -> tuple[DenoisingAutoencoder, dict[str, A
 
 def checkpoint_noise(meta: dict[str, Any]) -> NoiseConfig:
     return NoiseConfig(**meta["noise"])
+
+
+def applies_natively(meta: dict[str, Any]) -> bool:
+    """Whether a model denoises an image at its own resolution, or only at the whole-slice size it learned.
+
+    The residual networks learn a local rule (a receptive field of tens of pixels) and so apply to any size, as
+    does any model trained on random patches. The report's autoencoders trained on whole slices squeeze the whole
+    64 x 64 image through a 16 x 16 bottleneck: they are only used at that size, and bigger inputs are shrunk and
+    enlarged back, as the report's app did.
+    """
+    data = meta.get("data", {})
+    if data.get("patch") or data.get("size") == "native":
+        return True
+    return not ModelConfig(**meta["model"]).is_report_model
+
+
+def trained_size(meta: dict[str, Any]) -> int:
+    """The side of the slices (or patches) the model learned from: what a report model must be fed."""
+    data = meta.get("data", {})
+    return int(data.get("patch") or (data["size"] if isinstance(data.get("size"), int) else 64))

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from mri_platform.models import DenoisingAutoencoder, ModelConfig, build_model, num_parameters
+from mri_platform.checkpoints import applies_natively, load_checkpoint, save_checkpoint
+from mri_platform.models import NAMED, DenoisingAutoencoder, ModelConfig, build_model, num_parameters
 
 
 @pytest.mark.parametrize(("name", "expected"), [("ae1", 112_001), ("ae2", 1_775_105)])
@@ -25,9 +26,59 @@ def test_channels_last_gives_the_same_output():
     torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_wrong_input_shape_says_what_was_expected():
-    with pytest.raises(ValueError, match="divisible by 4"):
-        DenoisingAutoencoder(filters=4)(torch.rand(1, 1, 30, 30))
+@pytest.mark.parametrize(("name", "low", "high"), [("dncnn", 400_000, 600_000), ("unet", 300_000, 2_000_000)])
+def test_the_residual_nets_keep_their_parameter_budget(name, low, high):
+    assert low <= num_parameters(build_model(ModelConfig.named(name))) <= high
+
+
+@pytest.mark.parametrize("name", sorted(NAMED))
+@pytest.mark.parametrize("shape", [(2, 1, 37, 53), (1, 1, 64, 64), (1, 1, 9, 130)])
+def test_every_network_denoises_any_size_and_gives_the_same_shape_back(name, shape):
+    model = build_model(ModelConfig.named(name, filters=8)).eval()
+    x = torch.rand(*shape)
+    y = model(x)
+    assert y.shape == x.shape
+    assert y.min() >= 0 and y.max() <= 1
+
+
+def test_padding_does_not_change_the_interior():
+    """A residual net padded to its stride gives the same answer on an image as on the same image padded by hand
+    (away from the border), so cropping back loses nothing."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.named("unet", filters=8)).eval()
+    x = torch.rand(1, 1, 61, 61)
+    padded = torch.nn.functional.pad(x, (0, 3, 0, 3), mode="replicate")
+    torch.testing.assert_close(model(x), model(padded)[..., :61, :61], atol=1e-5, rtol=1e-4)
+
+
+def test_wrong_input_rank_says_what_was_expected():
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        DenoisingAutoencoder(filters=4)(torch.rand(1, 30, 30))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"architecture": "gan"}, "architecture"),
+                                                 ({"name": "unet", "architecture": "unet", "depth": 0, "filters": 0},
+                                                  "filters"), ({"name": "custom", "depth": 3}, "depth")])  # fmt: skip
+def test_impossible_models_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(NAMED))
+def test_a_checkpoint_rebuilds_every_model_and_says_where_it_applies(name, tmp_path):
+    model = build_model(ModelConfig.named(name, filters=8)).eval()
+    path = save_checkpoint(tmp_path / "checkpoint.pt", model, data={"size": 64, "patch": None}, epoch=1)
+    loaded, meta = load_checkpoint(path)
+    x = torch.rand(1, 1, 40, 48)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert type(loaded) is type(model) and meta["model"]["architecture"] == NAMED[name][0]
+    assert applies_natively(meta) == (name not in ("ae1", "ae2"))  # the report's models stay at 64 x 64
+    assert applies_natively({**meta, "data": {"size": "native", "patch": 64}})
+
+
+def test_a_checkpoint_from_before_the_zoo_still_loads():
+    config = ModelConfig(**{"name": "ae1", "filters": 64, "channels": 1})  # what older checkpoints hold
+    assert config.architecture == "autoencoder" and num_parameters(build_model(config)) == 112_001
 
 
 def test_unknown_model_and_bad_width_are_refused():

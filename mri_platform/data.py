@@ -67,7 +67,8 @@ class SliceSet:
     """Single-channel slices ready for the models."""
 
     images: np.ndarray
-    """(N, size, size) float32 in [0, 1]."""
+    """(N, size, size) float32 in [0, 1]; at native size, where slices differ in shape, an (N,) object array of
+    (H, W) float32 arrays (see `pack`)."""
     groups: np.ndarray
     """(N,) str: the volume or patient each slice came from; splits never cut a group."""
     names: list[str]
@@ -78,7 +79,8 @@ class SliceSet:
     """(path, reason) of inputs that were skipped, so that a user can see what was left out and why."""
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 3 or not (len(self.images) == len(self.groups) == len(self.names)):
+        ragged = self.images.ndim == 1 and self.images.dtype == object
+        if not (self.images.ndim == 3 or ragged) or not (len(self.images) == len(self.groups) == len(self.names)):
             raise ValueError(
                 f"SliceSet needs images (N, H, W) with one group and name each; got images {self.images.shape}, "
                 f"{len(self.groups)} groups, {len(self.names)} names"
@@ -103,20 +105,57 @@ class SliceSet:
     def fingerprint(self) -> str:
         """Short hash of pixels and names: the data version that checkpoints and runs record."""
         digest = hashlib.sha256(str(self.images.shape).encode())
-        digest.update(np.ascontiguousarray(self.images, dtype=np.float32).tobytes())
+        if self.images.dtype == object:
+            for image in self.images:
+                digest.update(str(image.shape).encode())
+                digest.update(np.ascontiguousarray(image, dtype=np.float32).tobytes())
+        else:
+            digest.update(np.ascontiguousarray(self.images, dtype=np.float32).tobytes())
         digest.update("\n".join(self.names).encode())
         return digest.hexdigest()[:12]
+
+    @property
+    def size(self) -> int | str:
+        """The side of every slice, or 'native' where the slices keep their own sizes."""
+        return int(self.images.shape[-1]) if self.images.dtype != object else "native"
+
+    def by_shape(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(indices, (n, H, W) stack) per slice shape, in order of first appearance: what a model can batch.
+
+        A set of equal-sized slices is one group holding them all, so the fixed-seed evaluation noise drawn per
+        group (`noise.fixed_noisy_groups`) is exactly what it was before native sizes existed.
+        """
+        if self.images.dtype != object:
+            return [(np.arange(len(self.images)), self.images)]
+        order: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(self.images):
+            order.setdefault(image.shape, []).append(i)
+        return [(np.array(index), np.stack([self.images[i] for i in index])) for index in order.values()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shared image operations
 
 
-def _checked_size(size: int) -> int:
-    """The side length as a plain int (also the in-process cache key), refusing sizes no model can use."""
+def _checked_size(size: int | str) -> int | str:
+    """The side length as a plain int (also the in-process cache key), or 'native'; refuses sizes no model can use."""
+    if size == "native":
+        return size
+    if isinstance(size, str) and size.isdigit():
+        size = int(size)
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 8:
-        raise ValueError(f"size must be an integer of at least 8 pixels, got {size!r}")
+        raise ValueError(f"size must be 'native' or an integer of at least 8 pixels, got {size!r}")
     return int(size)
+
+
+def pack(images: Sequence[np.ndarray]) -> np.ndarray:
+    """Slices as one (N, H, W) array when they share a shape, else as an (N,) object array of (H, W) arrays."""
+    if len({image.shape for image in images}) <= 1:
+        return np.stack(images) if len(images) else np.zeros((0, 0, 0), np.float32)
+    packed = np.empty(len(images), dtype=object)
+    for i, image in enumerate(images):  # item by item: numpy would otherwise try to broadcast the arrays
+        packed[i] = image
+    return packed
 
 
 def _resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -203,15 +242,21 @@ def _head_boxes(stack: np.ndarray, spacing: tuple[float, float]) -> tuple[np.nda
     return np.stack([r0, r1, c0, c1], axis=1), keep
 
 
-def _slice_images(stack: np.ndarray, spacing: tuple[float, float], size: int) -> tuple[list[int], list[np.ndarray]]:
-    """Indices and finished (size, size) images of the slices in `stack` that show enough head."""
+def _slice_images(
+    stack: np.ndarray, spacing: tuple[float, float], size: int | str
+) -> tuple[list[int], list[np.ndarray]]:
+    """Indices and finished (size, size) images of the slices in `stack` that show enough head.
+
+    At 'native' size the head's square box keeps its own pixels (resampled to square pixels, never scaled).
+    """
     boxes, keep = _head_boxes(stack, spacing)
     indices, images = [], []
     for k in np.flatnonzero(keep):
         r0, r1, c0, c1 = boxes[k]
         head = _square_pixels(stack[k, r0 : r1 + 1, c0 : c1 + 1], spacing)
         indices.append(int(k))
-        images.append(_resize(_pad_square(head), (size, size)))
+        square = _pad_square(head)
+        images.append(square if size == "native" else _resize(square, (size, size)))
     return indices, images
 
 
@@ -240,7 +285,9 @@ def _read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return _normalise(data), spacing
 
 
-def _volume_slices(path: Path, label: str, planes: Sequence[str], size: int) -> tuple[list[str], list[np.ndarray]]:
+def _volume_slices(
+    path: Path, label: str, planes: Sequence[str], size: int | str
+) -> tuple[list[str], list[np.ndarray]]:
     """Names and images of the usable slices of one NIfTI file along the given planes."""
     volume, spacing = _read_volume(path)
     names, images = [], []
@@ -304,7 +351,7 @@ def _labels(files: list[Path]) -> list[str]:
 
 
 def load_nifti(
-    paths: str | Path | Sequence[str | Path], planes: Sequence[str] = ("axial",), size: int = 64
+    paths: str | Path | Sequence[str | Path], planes: Sequence[str] = ("axial",), size: int | str = 64
 ) -> SliceSet:
     """Slices of NIfTI volumes (one group per file) along `planes`, preprocessed like the built-in volumes.
 
@@ -328,7 +375,7 @@ def load_nifti(
     if not images:
         hint = "Check that the files are 3D or 4D brain volumes that nibabel can open."
         raise DataError(_nothing_usable(source, len(files), skipped, "NIfTI volumes", hint))
-    return SliceSet(np.stack(images), np.array(groups, dtype=str), names, source, skipped)
+    return SliceSet(pack(images), np.array(groups, dtype=str), names, source, skipped)
 
 
 def _nothing_usable(source: str, n_found: int, skipped: list[tuple[str, str]], what: str, hint: str) -> str:
@@ -349,7 +396,7 @@ def _package_file(package: str, relative: str) -> Path:
     return path
 
 
-def _t1_slice(size: int) -> np.ndarray:
+def _t1_slice(size: int | str) -> np.ndarray:
     """dipy's single real T1 coronal slice (stored upright), preprocessed like a one-slice volume."""
     array = np.load(_package_file(*_HELD_OUT_SLICE))
     stack = _normalise(array)[np.newaxis]  # (1, rows, cols)
@@ -358,10 +405,10 @@ def _t1_slice(size: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=4)
-def _builtin(size: int) -> tuple[SliceSet, SliceSet]:
+def _builtin(size: int | str) -> tuple[SliceSet, SliceSet]:
     mni = _package_file(*_MNI)
     names, images = _volume_slices(mni, mni.name, PLANES, size)
-    train = SliceSet(np.stack(images), np.array(["mni152"] * len(images)), names, "builtin")
+    train = SliceSet(pack(images), np.array(["mni152"] * len(images)), names, "builtin")
 
     names, images, groups = [], [], []
     for package, relative in _HELD_OUT_VOLUMES:
@@ -374,15 +421,16 @@ def _builtin(size: int) -> tuple[SliceSet, SliceSet]:
     names.append(f"{t1_name}:coronal:0")
     images.append(_t1_slice(size))
     groups.append(t1_name)
-    held_out = SliceSet(np.stack(images), np.array(groups), names, "builtin")
+    held_out = SliceSet(pack(images), np.array(groups), names, "builtin")
     return train, held_out
 
 
 def _copy(slices: SliceSet) -> SliceSet:
-    return SliceSet(slices.images.copy(), slices.groups.copy(), list(slices.names), slices.source, list(slices.skipped))
+    images = pack([image.copy() for image in slices.images]) if slices.images.dtype == object else slices.images.copy()
+    return SliceSet(images, slices.groups.copy(), list(slices.names), slices.source, list(slices.skipped))
 
 
-def load_builtin(size: int = 64) -> tuple[SliceSet, SliceSet]:
+def load_builtin(size: int | str = 64) -> tuple[SliceSet, SliceSet]:
     """(train, held_out) from real MRI inside installed packages: works offline and needs no data set.
 
     Train: every usable slice along the three planes of the MNI152 T1 template (nilearn). Held out, from other
@@ -418,8 +466,9 @@ def _to_gray(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
 
 
-def _read_picture(content: bytes, size: int) -> np.ndarray:
-    """One image file's bytes as a (size, size) gray image; the whole picture is resized, never cropped."""
+def _read_picture(content: bytes, size: int | str) -> np.ndarray:
+    """One image file's bytes as a (size, size) gray image (the whole picture resized, never cropped), or at its
+    own size with 'native'."""
     if not content:
         raise _Skip("empty file (0 bytes)")
     try:
@@ -436,7 +485,7 @@ def _read_picture(content: bytes, size: int) -> np.ndarray:
         raise _Skip(f"not a readable image ({type(exc).__name__}: {exc})") from exc
     if pixels.max() - pixels.min() < 1e-6:
         raise _Skip(f"constant image (every pixel is {pixels.flat[0]:.3g}); there is nothing to denoise")
-    return _resize(pixels, (size, size))
+    return pixels if size == "native" else _resize(pixels, (size, size))
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -446,7 +495,7 @@ def _read_bytes(path: Path) -> bytes:
         raise _Skip(f"cannot read the file ({exc.strerror or exc})") from exc
 
 
-def load_folder(path: str | Path, size: int = 64) -> SliceSet:
+def load_folder(path: str | Path, size: int | str = 64) -> SliceSet:
     """Every JPEG/PNG below `path` (any size, gray or colour) as a gray slice; one group per file.
 
     Unusable files are skipped with a reason, and byte-identical copies (the Kaggle archive ships its images
@@ -482,7 +531,7 @@ def load_folder(path: str | Path, size: int = 64) -> SliceSet:
     if not images:
         hint = "Check that the files are brain MRI pictures that open in an image viewer."
         raise DataError(_nothing_usable(source, len(files), skipped, "images", hint))
-    return SliceSet(np.stack(images), np.array(names, dtype=str), names, source, skipped)
+    return SliceSet(pack(images), np.array(names, dtype=str), names, source, skipped)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -519,7 +568,7 @@ def _is_builtin(data: str | Path | None) -> bool:
     return data is None or (isinstance(data, str) and data == "builtin")
 
 
-def _load_path(data: str | Path, planes: Sequence[str], size: int) -> SliceSet:
+def _load_path(data: str | Path, planes: Sequence[str], size: int | str) -> SliceSet:
     """Dispatches a path: NIfTI file or folder of NIfTI only -> volumes, other folder -> images."""
     path = Path(data)
     if path.is_dir():
@@ -540,7 +589,7 @@ def load_splits(
     data: str | Path | None = None,
     *,
     planes: Sequence[str] = ("axial",),
-    size: int = 64,
+    size: int | str = 64,
     test_fraction: float = 0.2,
     seed: int = 0,
 ) -> tuple[SliceSet, SliceSet]:
@@ -556,7 +605,7 @@ def load_splits(
     return split_by_group(_load_path(data, planes, size), test_fraction, seed)
 
 
-def load_any(data: str | Path | None, *, planes: Sequence[str] = ("axial",), size: int = 64) -> SliceSet:
+def load_any(data: str | Path | None, *, planes: Sequence[str] = ("axial",), size: int | str = 64) -> SliceSet:
     """The whole source, for evaluation; for the built-in data only the held-out part, which was never trained on."""
     size = _checked_size(size)
     planes = _check_planes(planes)
@@ -588,23 +637,99 @@ def augmentation() -> v2.Transform:
     )
 
 
-class SliceDataset(Dataset):
-    """Slices as (1, size, size) float32 tensors, freshly augmented on each access when `augment` is true.
+def intensity_augmentation(image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random MRI contrast of a clean slice or patch, so that one T1 template teaches a denoiser for any scan.
 
-    Only the training side should be augmented; the split happens before, on whole groups.
+    - One time in two, a random tissue contrast: a piecewise-linear curve through (0, 0) and four random knots
+      remaps the intensities, so grey matter, white matter and CSF change order (a T1 can look T2- or EPI-like)
+      while the background stays black (as SynthSeg-style training does).
+    - Three times in four, a smooth multiplicative bias field (the coil inhomogeneity of real scans).
+    - Always a gamma in [0.7, 1.4] and a scale in [0.75, 1].
+
+    Measured on the built-in data (U-Net, 12 x 40 steps on native patches, 64 x 64 held-out slices): gamma and
+    scale alone 20.01 dB; with the random contrast 20.53 dB; with the bias field too 20.59 dB. Applied before the
+    noise, so the noise keeps its known level.
+    """
+    gamma, scale, remap = torch.rand(3, generator=generator).tolist()
+    image = image.clamp(0.0, 1.0)
+    if remap < 0.5:  # a random tissue contrast: piecewise-linear curve through (0, 0) and 4 random knots
+        knots = torch.cat([torch.zeros(1), 0.1 + 0.9 * torch.rand(4, generator=generator)])
+        position = image * 4
+        low = position.floor().clamp(max=3).long()
+        image = torch.lerp(knots[low], knots[low + 1], position - low)
+        image = image / image.max().clamp(min=1e-6)
+    if remap >= 0.25:  # a smooth bias field, the intensity inhomogeneity of real coils (MONAI's RandBiasField)
+        _, height, width = image.shape
+        y, x = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+        c = (torch.rand(5, generator=generator) - 0.5) * 0.8  # (-0.4, 0.4)
+        field = torch.exp(c[0] * x + c[1] * y + c[2] * x * y + c[3] * x**2 + c[4] * y**2)
+        image = (image * field).clamp(0.0, 1.0)
+    return image ** (0.7 * 2.0**gamma) * (0.75 + 0.25 * scale)
+
+
+class SliceDataset(Dataset):
+    """Training views of slices as (1, P, P) float32 tensors: whole slices, or random P x P patches.
+
+    Whole slices (`patch` None) need one shape; with the report's augmentation (`augment`) they get its random
+    rotation, shift, zoom and flip. Patches are cut at a random place of a random slice of any size (padded with
+    black background where a slice is smaller), from a zoomed-out view of it one time in two (`augment`), so the
+    model also learns the coarser scale of a whole head in 64 x 64 pixels; they are flipped and turned by
+    multiples of 90 degrees rather than rotated by an angle, which would paint black corners into tissue.
+    `length` fixes the items per epoch (a fixed number of optimiser steps on a small data set); item i shows
+    slice i mod N. Randomness comes from torch's global generator, which the training loop seeds per rank and
+    epoch.
     """
 
-    def __init__(self, images: np.ndarray, augment: bool = False) -> None:
-        if images.ndim != 3:
-            raise ValueError(f"expected images of shape (N, H, W), got {images.shape}")
-        self.images = torch.from_numpy(np.array(images, dtype=np.float32))  # own copy: callers keep theirs
-        self.transform = augmentation() if augment else None
+    def __init__(
+        self,
+        images: np.ndarray,
+        augment: bool = False,
+        *,
+        patch: int | None = None,
+        intensity: bool = False,
+        length: int | None = None,
+    ) -> None:
+        if not (images.ndim == 3 or images.dtype == object) or len(images) == 0:
+            raise ValueError(f"expected a non-empty stack of slices (N, H, W), got {images.shape}")
+        if patch is None and images.dtype == object:
+            raise ValueError("slices of different sizes need --patch: whole slices of one batch must share a shape")
+        # own copies: callers keep theirs
+        self.images = [torch.from_numpy(np.array(image, dtype=np.float32)) for image in images]
+        self.patch, self.augment, self.intensity = patch, augment, intensity
+        self.transform = augmentation() if augment and patch is None else None
+        self.length = length or len(self.images)
 
     def __len__(self) -> int:
-        return len(self.images)
+        return self.length
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        image = self.images[index].unsqueeze(0)  # (1, H, W), a view into the dataset
-        if self.transform is None:
-            return image.clone()  # callers may add noise in place
-        return self.transform(image).clamp(0.0, 1.0)
+        image = self.images[index % len(self.images)].unsqueeze(0)  # (1, H, W), a view into the dataset
+        if self.patch is not None:
+            image = self._random_patch(image)
+        elif self.transform is not None:
+            image = self.transform(image).clamp(0.0, 1.0)
+        else:
+            image = image.clone()  # callers may add noise in place
+        return intensity_augmentation(image) if self.intensity else image
+
+    def _random_patch(self, image: torch.Tensor) -> torch.Tensor:
+        """A (1, P, P) patch: optionally zoomed out by up to 4x, flipped and turned by k * 90 degrees."""
+        patch = self.patch
+        _, height, width = image.shape
+        zoom = 1.0
+        if self.augment and torch.rand(()) < 0.5:
+            zoom = float(torch.empty(()).uniform_(1.0, max(1.0, min(4.0, max(height, width) / patch))))
+        side = round(patch * zoom)
+        if height < side or width < side:  # a slice smaller than the window: pad with background
+            image = torch.nn.functional.pad(image, (0, max(0, side - width), 0, max(0, side - height)))
+            height, width = image.shape[-2:]
+        top = int(torch.randint(height - side + 1, ()))
+        left = int(torch.randint(width - side + 1, ()))
+        crop = image[:, top : top + side, left : left + side]
+        if side != patch:
+            crop = torch.nn.functional.interpolate(crop[None], size=(patch, patch), mode="area")[0]
+        if self.augment:
+            if torch.rand(()) < 0.5:
+                crop = crop.flip(-1)
+            crop = torch.rot90(crop, int(torch.randint(4, ())), dims=(-2, -1))
+        return crop.contiguous().clamp(0.0, 1.0)

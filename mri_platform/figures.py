@@ -9,7 +9,8 @@ import torch
 
 from mri_platform.data import SliceSet
 from mri_platform.metrics import psnr_per_image, ssim_per_image
-from mri_platform.noise import NoiseConfig, fixed_noisy
+from mri_platform.models import restore
+from mri_platform.noise import NoiseConfig, corrupted
 
 
 def comparison_figure(
@@ -21,13 +22,13 @@ def comparison_figure(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mri_platform.evaluate import restore
-
-    clean = torch.from_numpy(slices.images).unsqueeze(1)
-    noisy = fixed_noisy(clean, noise, seed)  # the same corruption the scores were computed on
-    pick = np.linspace(0, len(clean) - 1, min(n, len(clean))).round().astype(int)
-    clean, noisy = clean[pick], noisy[pick]
-    restored = restore(model, noisy)
+    groups = slices.by_shape()
+    pairs = corrupted(slices, noise, seed)  # the same corruption the scores were computed on
+    where = {int(i): (g, k) for g, (index, _) in enumerate(groups) for k, i in enumerate(index)}
+    pick = np.linspace(0, len(slices) - 1, min(n, len(slices))).round().astype(int)
+    clean = [pairs[where[i][0]][0][where[i][1]] for i in pick]  # (1, H, W) each, sizes may differ
+    noisy = [pairs[where[i][0]][1][where[i][1]] for i in pick]
+    restored = [restore(model, image[None])[0] for image in noisy]
 
     fig, axes = plt.subplots(len(pick), 3, figsize=(7.5, 2.6 * len(pick)), squeeze=False)
     for row in range(len(pick)):

@@ -76,11 +76,13 @@ def summarize(mse_sum: float, psnr_sum: float, ssim_sum: float, count: int) -> d
     }
 
 
-def score(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """All metrics for a batch of predictions against clean targets."""
-    return summarize(
-        mse_per_image(pred, target).sum().item(),
-        psnr_per_image(pred, target).sum().item(),
-        ssim_per_image(pred, target).sum().item(),
-        pred.shape[0],
-    )
+def score(pred: torch.Tensor | list[torch.Tensor], target: torch.Tensor | list[torch.Tensor]) -> dict[str, float]:
+    """All metrics for a batch of predictions against clean targets, or for lists of batches of different shapes
+    (slices at their native sizes), every image weighing the same."""
+    preds, targets = (pred, target) if isinstance(pred, list) else ([pred], [target])
+    sums = torch.zeros(3, dtype=torch.float64)
+    for p, t in zip(preds, targets, strict=True):
+        sums += torch.stack(
+            [mse_per_image(p, t).sum().double(), psnr_per_image(p, t).sum(), ssim_per_image(p, t).sum()]
+        )
+    return summarize(*sums.tolist(), sum(p.shape[0] for p in preds))

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from mri_platform.data import SliceSet
 
 KINDS = ("gaussian", "rician")
 
@@ -71,3 +75,15 @@ def fixed_noisy(clean: torch.Tensor, config: NoiseConfig, seed: int = 0) -> torc
     """The evaluation corruption: the same images and seed always give the same noisy images."""
     generator = torch.Generator().manual_seed(seed)
     return add_noise(clean.cpu(), config, generator).to(clean.device)
+
+
+def fixed_noisy_groups(groups: list[torch.Tensor], config: NoiseConfig, seed: int = 0) -> list[torch.Tensor]:
+    """`fixed_noisy` for slices batched by shape (`SliceSet.by_shape`): group k draws from seed + k, so a set of
+    equal-sized slices, one group, gets exactly the corruption `fixed_noisy` gives it."""
+    return [fixed_noisy(group, config, seed + k) for k, group in enumerate(groups)]
+
+
+def corrupted(slices: SliceSet, config: NoiseConfig, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(clean, noisy) (n, 1, H, W) pairs per slice shape: the fixed-seed corruption every score is computed on."""
+    clean = [torch.tensor(stack).unsqueeze(1) for _, stack in slices.by_shape()]  # a copy: Ray shares read-only
+    return list(zip(clean, fixed_noisy_groups(clean, config, seed), strict=True))

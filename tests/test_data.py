@@ -304,3 +304,54 @@ def test_augmentation_changes_images_but_keeps_shape_and_range(builtin):
         assert item.shape == (1, 64, 64) and item.dtype == torch.float32
         assert item.min() >= 0 and item.max() <= 1
         assert not torch.allclose(item, plain[i], atol=1e-3)
+
+
+def test_native_size_keeps_each_slices_own_resolution():
+    from mri_platform.data import load_builtin as load
+
+    train, held_out = load("native")
+    small_train, _ = load(64)
+    assert train.images.dtype == object and len(train) == len(small_train)  # the same slices, at their own size
+    shapes = {image.shape for image in train.images}
+    assert len(shapes) > 3 and all(h == w for h, w in shapes)  # square boxes of the head, sizes differing
+    assert max(h for h, _ in shapes) > 64 and min(h for h, _ in {i.shape for i in held_out.images}) < 64
+    groups = held_out.by_shape()
+    assert sorted(int(i) for index, _ in groups for i in index) == list(range(len(held_out)))
+    assert all(stack.shape[1:] == held_out.images[index[0]].shape for index, stack in groups)
+    assert held_out.fingerprint() != load("native")[0].fingerprint()
+    assert held_out.subset(np.array([0, 5])).images[1].shape == held_out.images[5].shape
+
+
+def test_patches_are_cut_from_slices_of_any_size(builtin):
+    train, _ = builtin
+    from mri_platform.data import load_builtin as load
+
+    native = load("native")[0].images
+    dataset = SliceDataset(native, augment=True, patch=48, intensity=True, length=200)
+    assert len(dataset) == 200  # a fixed number of items per epoch, whatever the data's size
+    torch.manual_seed(0)
+    items = torch.stack([dataset[i] for i in range(40)])
+    assert items.shape == (40, 1, 48, 48) and items.min() >= 0 and items.max() <= 1
+    assert len({round(float(x.sum()), 3) for x in items}) == 40  # random places, zooms and turns
+    with pytest.raises(ValueError, match="need --patch"):
+        SliceDataset(native)
+    tiny = SliceDataset(train.images[:2, :20, :20], patch=32)  # smaller than the patch: padded with background
+    assert tiny[0].shape == (1, 32, 32) and float(tiny[0][0, 25:, 25:].abs().sum()) == 0.0
+
+
+def test_intensity_augmentation_changes_contrast_within_range_and_keeps_the_background(builtin):
+    from mri_platform.data import intensity_augmentation
+
+    image = torch.from_numpy(builtin[0].images[200])[None]
+    generator = torch.Generator().manual_seed(0)
+    changed = [intensity_augmentation(image, generator) for _ in range(40)]
+    assert all(c.min() >= 0 and c.max() <= 1 and c.shape == image.shape for c in changed)
+    background = image == 0
+    assert all(float(c[background].abs().max()) == 0.0 for c in changed)  # black stays black
+
+    def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+        head = image > 0.1
+        return float(torch.corrcoef(torch.stack([a[head], b[head]]))[0, 1])
+
+    correlations = [correlation(c, image) for c in changed]
+    assert min(correlations) < 0.5 < max(correlations)  # some draws reorder the tissues, others keep them

@@ -10,13 +10,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from mri_platform.checkpoints import FILENAME, checkpoint_noise, load_checkpoint
 from mri_platform.data import SliceSet
 from mri_platform.metrics import score
-from mri_platform.noise import NoiseConfig, fixed_noisy
+from mri_platform.models import restore
+from mri_platform.noise import NoiseConfig, corrupted
 
 EVAL_SEED = 1234  # the same default as TrainConfig.eval_seed: training's validation and `evaluate` agree
 
@@ -55,49 +55,19 @@ def download_checkpoint(model_uri: str, tracking_uri: str | None = None, dst: Pa
     return found[0]
 
 
-@torch.inference_mode()
-def restore(model: torch.nn.Module, noisy: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Denoise (N, 1, H, W) images in batches, in fp32 on the CPU."""
-    model.eval()
-    return torch.cat([model(noisy[i : i + batch_size]).float() for i in range(0, len(noisy), batch_size)])
-
-
 def score_model(model: torch.nn.Module, slices: SliceSet, noise: NoiseConfig, seed: int = EVAL_SEED) -> dict:
     """The model's MSE / PSNR / SSIM on `slices` corrupted with fixed-seed noise, beside the noisy input's."""
-    clean = torch.from_numpy(slices.images).unsqueeze(1)
-    noisy = fixed_noisy(clean, noise, seed)
-    scores = score(restore(model, noisy), clean)
-    noisy_scores = score(noisy.clamp(0, 1), clean)
+    pairs = corrupted(slices, noise, seed)
+    clean = [c for c, _ in pairs]
+    scores = score([restore(model, n) for _, n in pairs], clean)
+    noisy_scores = score([n.clamp(0, 1) for _, n in pairs], clean)
     return {
         **scores,
         "noisy_psnr": noisy_scores["psnr"],
         "noisy_ssim": noisy_scores["ssim"],
         "noisy_mse": noisy_scores["mse"],
-        "n_images": len(clean),
+        "n_images": len(slices),
     }
-
-
-def baseline_scores(slices: SliceSet, noise: NoiseConfig, seed: int = EVAL_SEED) -> dict[str, dict[str, float]]:
-    """Classical denoisers on the same noisy images, their strength set from the known noise level."""
-    from skimage.filters import gaussian
-    from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
-
-    clean = torch.from_numpy(slices.images).unsqueeze(1)
-    noisy = fixed_noisy(clean, noise, seed).numpy()[:, 0].astype(np.float64)
-    std = noise.std
-    methods = {
-        "gaussian_blur": lambda im: gaussian(im, sigma=1.0),
-        "total_variation": lambda im: denoise_tv_chambolle(im, weight=0.5 * std),
-        "non_local_means": lambda im: denoise_nl_means(
-            im, h=0.8 * std, sigma=std, patch_size=5, patch_distance=6, fast_mode=True
-        ),
-    }
-    results = {}
-    for name, method in methods.items():
-        restored = np.stack([np.clip(method(image), 0, 1) for image in noisy]).astype(np.float32)
-        scores = score(torch.from_numpy(restored).unsqueeze(1), clean)
-        results[name] = {"psnr": scores["psnr"], "ssim": scores["ssim"], "mse": scores["mse"]}
-    return results
 
 
 def evaluate(
@@ -122,8 +92,10 @@ def evaluate(
         "seed": seed,
         **score_model(model, slices, noise, seed),
     }
-    if baselines:
-        report["baselines"] = baseline_scores(slices, noise, seed)
+    if baselines:  # classical filters tuned on the training split: "baselines" and "best_baseline"
+        from mri_platform.baselines import baseline_scores
+
+        report |= baseline_scores(slices, noise, seed)
     if figure:
         from mri_platform.figures import comparison_figure
 

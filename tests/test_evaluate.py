@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 from importlib import resources
 
 import numpy as np
@@ -10,7 +11,7 @@ from helpers import DESCRIBE, register, train_plainly
 from PIL import Image
 from typer.testing import CliRunner
 
-from mri_platform import tracking
+from mri_platform import baselines, tracking
 from mri_platform.checkpoints import save_checkpoint
 from mri_platform.cli import app
 from mri_platform.data import load_builtin
@@ -46,7 +47,9 @@ def png_folder(tmp_path_factory):
     return folder
 
 
-def test_evaluate_a_checkpoint_on_a_png_folder_with_baselines(checkpoint, png_folder, tmp_path):
+def test_evaluate_a_checkpoint_on_a_png_folder_with_baselines(checkpoint, png_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(baselines, "TUNING_SLICES", 4)  # tuned on the training split, once per (fresh) state folder
+    monkeypatch.setitem(sys.modules, "bm3d", None)  # as without the optional install (BM3D: tests/test_baselines.py)
     out, figure = tmp_path / "eval.json", tmp_path / "fig.png"
     result = runner.invoke(
         app,
@@ -58,11 +61,17 @@ def test_evaluate_a_checkpoint_on_a_png_folder_with_baselines(checkpoint, png_fo
     assert report["n_images"] == 12
     assert report["noise"]["variance"] == 0.2 and report["noise"]["clip"] is True
     assert report["psnr"] > report["noisy_psnr"] + 5
-    assert set(report["baselines"]) == {"gaussian_blur", "total_variation", "non_local_means"}
+    skipped = report["baselines"].pop("bm3d")
+    assert "pip install" in skipped["skipped"]
+    methods = ("gaussian_blur", "total_variation", "nl_means")
+    assert set(report["baselines"]) == {m + v for m in methods for v in ("", "+debias")}
     assert all(b["psnr"] > report["noisy_psnr"] for b in report["baselines"].values())
+    best = report["best_baseline"]
+    assert report["baselines"][best]["psnr"] == max(b["psnr"] for b in report["baselines"].values())
+    assert best.endswith("+debias")  # the clipping-aware variant wins at the report's clipped noise
     assert any("broken.png" in path for path, _ in report["skipped"])
     assert figure.stat().st_size > 10_000
-    assert "non_local_means" in result.output
+    assert best in result.output and "<- best baseline" in result.output and "bm3d: skipped" in result.output
 
 
 def test_evaluate_on_a_nifti_volume_at_the_codes_noise_std(checkpoint, tmp_path):

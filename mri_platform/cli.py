@@ -58,6 +58,13 @@ def _noise(variance: float | None, std: float | None, kind: str | None, no_clip:
     return NoiseConfig(variance=variance if variance is not None else base.variance, **kwargs)
 
 
+def _views(config) -> str:
+    """'64 x 64 slices' / '64 x 64 patches of native slices', and the steps per epoch when fixed."""
+    size = "native" if config.size == "native" else f"{config.size} x {config.size}"
+    views = f"{config.patch} x {config.patch} patches of {size} slices" if config.patch else f"{size} slices"
+    return views + (f", {config.steps_per_epoch} steps per epoch" if config.steps_per_epoch else "")
+
+
 def _write_json(path: Path | None, payload: dict) -> None:
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,9 +74,29 @@ def _write_json(path: Path | None, payload: dict) -> None:
 
 @app.command()
 def train(
-    model: Annotated[str | None, typer.Option(help="ae1 (64 filters) or ae2 (256 filters).")] = None,
-    filters: Annotated[int | None, typer.Option(help="Override the model's filter width.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="unet or dncnn (residual nets), ae1 or ae2 (the report's autoencoders).")
+    ] = None,
+    filters: Annotated[int | None, typer.Option(help="Override the model's width.")] = None,
+    depth: Annotated[int | None, typer.Option(help="Override DnCNN's layers or the U-Net's levels.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (default: the report's 50 for AE1, 70 for AE2).")] = None,
+    steps_per_epoch: Annotated[
+        int | None, typer.Option(help="Optimiser steps per epoch (default: one pass over the slices).")
+    ] = None,
+    size: Annotated[
+        str | None, typer.Option(help="Slice side: 64 (the report's, default), any N, or 'native' (needs --patch).")
+    ] = None,
+    patch: Annotated[int | None, typer.Option(help="Train on random N x N patches instead of whole slices.")] = None,
+    schedule: Annotated[
+        str | None, typer.Option(help="constant or cosine (default: cosine for unet/dncnn, constant for ae1/ae2).")
+    ] = None,
+    intensity_augment: Annotated[
+        bool | None,
+        typer.Option(
+            "--intensity-augment/--no-intensity-augment",
+            help="Random gamma and brightness (default: on for unet/dncnn).",
+        ),
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="Ray Train workers (data-parallel ranks).")] = None,
     gpu: Annotated[bool | None, typer.Option("--gpu/--cpu", help="One GPU per worker, NCCL, mixed precision.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Global batch size, split across workers.")] = None,
@@ -90,7 +117,7 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Seed of split, weights, augmentation and noise.")] = None,
     json_out: JsonOut = None,
 ) -> None:
-    """Train an autoencoder data-parallel on Ray Train; log, score and register it in MLflow."""
+    """Train a denoiser data-parallel on Ray Train; log, score and register it in MLflow."""
     from mri_platform.config import build_config
     from mri_platform.data import DataError
 
@@ -98,8 +125,9 @@ def train(
         base = build_config(preset)
         config = build_config(
             preset,
-            model=model, filters=filters, epochs=epochs, workers=workers, gpu=gpu, batch_size=batch_size, lr=lr,
-            precision=precision, data=data, planes=tuple(planes.split(",")),
+            model=model, filters=filters, depth=depth, epochs=epochs, steps_per_epoch=steps_per_epoch, size=size,
+            patch=patch, schedule=schedule, intensity_augment=intensity_augment, workers=workers, gpu=gpu,
+            batch_size=batch_size, lr=lr, precision=precision, data=data, planes=tuple(planes.split(",")),
             noise=_noise(noise_variance, noise_std, noise_kind, no_clip, default=base.noise),
             tracking_uri=tracking_uri, storage=storage, run_name=run_name, resume=resume or None,
             registered_model=registered_model, seed=seed,
@@ -107,8 +135,9 @@ def train(
     except (ValueError, DataError) as exc:
         raise _fail(str(exc)) from exc
     typer.echo(
-        f"training {config.model.upper()} ({config.model_config.filters} filters) for {config.num_epochs} epochs on "
-        f"{config.workers} {'GPU' if config.gpu else 'CPU'} worker(s), noise {config.noise.describe()}"
+        f"training {config.model.upper()} ({config.model_config.architecture}, {config.model_config.filters} filters) "
+        f"for {config.num_epochs} epochs on {config.workers} {'GPU' if config.gpu else 'CPU'} worker(s), "
+        f"{_views(config)}, noise {config.noise.describe()}"
     )
     from mri_platform.train import fit
 
@@ -140,7 +169,16 @@ def evaluate(
     noise_kind: NoiseKind = None,
     no_clip: NoClip = False,
     seed: Annotated[int, typer.Option(help="Seed of the fixed evaluation noise.")] = 1234,
-    baselines: Annotated[bool, typer.Option(help="Also score Gaussian blur, total variation, NL-means.")] = False,
+    size: Annotated[
+        str, typer.Option(help="Slice side: 64 (the benchmark protocol) or 'native' (each slice at its own size).")
+    ] = "64",
+    baselines: Annotated[
+        bool,
+        typer.Option(
+            help="Also score Gaussian blur, total variation, NL-means and BM3D (if installed), plain and with the "
+            "clipping bias inverted, strengths tuned once on the training split."
+        ),
+    ] = False,
     figure: Annotated[Path | None, typer.Option(help="Save original / noisy / restored to this PNG.")] = None,
     tracking_uri: TrackingUri = None,
     json_out: JsonOut = None,
@@ -151,7 +189,7 @@ def evaluate(
 
     try:
         noise = _noise(noise_variance, noise_std, noise_kind, no_clip)
-        slices = load_any(data, planes=tuple(planes.split(",")))
+        slices = load_any(data, planes=tuple(planes.split(",")), size=size)
         report = run_evaluation(
             model_uri,
             slices,
@@ -165,13 +203,20 @@ def evaluate(
         raise _fail(str(exc)) from exc
     typer.echo(f"{report['n_images']} images from {report['data_source']}, noise {report['noise']['description']}")
     rows = [
-        ("noisy input", report["noisy_psnr"], report["noisy_ssim"]),
-        ("model", report["psnr"], report["ssim"]),
+        ("noisy input", report["noisy_psnr"], report["noisy_ssim"], ""),
+        ("model", report["psnr"], report["ssim"], ""),
     ]
-    rows += [(name, s["psnr"], s["ssim"]) for name, s in report.get("baselines", {}).items()]
-    typer.echo(f"{'':18s} {'PSNR dB':>8s} {'SSIM':>6s}")
-    for name, psnr, ssim in rows:
-        typer.echo(f"{name:18s} {psnr:8.2f} {ssim:6.3f}")
+    best = report.get("best_baseline")
+    skipped = {name: s["skipped"] for name, s in report.get("baselines", {}).items() if "skipped" in s}
+    for name, s in report.get("baselines", {}).items():
+        if name not in skipped:
+            params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["params"].items())
+            rows.append((name, s["psnr"], s["ssim"], params + ("  <- best baseline" if name == best else "")))
+    typer.echo(f"{'':24s} {'PSNR dB':>8s} {'SSIM':>6s}  {'parameters (tuned on training slices)' if best else ''}")
+    for name, psnr, ssim, note in rows:
+        typer.echo(f"{name:24s} {psnr:8.2f} {ssim:6.3f}  {note}".rstrip())
+    for name, reason in skipped.items():
+        typer.echo(f"{name}: skipped, {reason}")
     if report["skipped"]:
         typer.echo(f"skipped {len(report['skipped'])} unreadable inputs: {report['skipped'][:5]}")
     _write_json(json_out, report)
@@ -207,16 +252,23 @@ def promote(
 
 @app.command()
 def demo(
-    preset: Annotated[str, typer.Option(help="Training preset for both models.")] = "demo",
+    preset: Annotated[str, typer.Option(help="Training preset for the models.")] = "demo",
     search_preset: Annotated[str, typer.Option(help="Search preset; 'none' skips the search.")] = "demo",
+    models: Annotated[str, typer.Option(help="Models to train before the search, comma-separated.")] = "ae1,unet",
     tracking_uri: TrackingUri = None,
     serve: Annotated[bool, typer.Option(help="End serving the champion and the MLflow UI in the background.")] = True,
 ) -> None:
-    """The main job: train AE1 and AE2 on the built-in data, promote the better, search, then serve the champion."""
+    """The main job: train AE1 and the U-Net on the built-in data, promote the better, search, serve the champion."""
     from mri_platform.demo import run_demo
 
     try:
-        run_demo(preset, tracking_uri, None if search_preset == "none" else search_preset, serve=serve)
+        run_demo(
+            preset,
+            tracking_uri,
+            None if search_preset == "none" else search_preset,
+            serve=serve,
+            models=tuple(m.strip() for m in models.split(",")),
+        )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise _fail(str(exc), code=1) from exc
 
@@ -286,7 +338,10 @@ def _pair(text: str | None, kind: type) -> tuple | None:
 @app.command()
 def tune(
     preset: Annotated[str | None, typer.Option(help="Search preset: demo, full, or a YAML file.")] = None,
-    filters: Annotated[str | None, typer.Option(help="Widths to choose from, e.g. 32,64,128,256.")] = None,
+    models: Annotated[str | None, typer.Option(help="Models to choose from, e.g. unet,dncnn,ae1.")] = None,
+    filters: Annotated[
+        str | None, typer.Option(help="Widths for every model, e.g. 32,64 (default: each model's x0.5, x1, x1.5).")
+    ] = None,
     epochs: Annotated[str | None, typer.Option(help="Epoch range LOW-HIGH, e.g. 50-70.")] = None,
     lr: Annotated[str | None, typer.Option(help="Learning-rate range LOW,HIGH (log-uniform).")] = None,
     samples: Annotated[int | None, typer.Option(help="Number of trials.")] = None,
@@ -308,13 +363,14 @@ def tune(
     registered_model: Annotated[str, typer.Option(help="Registry name.")] = "mri-denoiser",
     json_out: JsonOut = None,
 ) -> None:
-    """Search width, epochs and learning rate with Ray Tune (each trial a Ray Train run); promote the best."""
+    """Search model, width, epochs and learning rate with Ray Tune (each trial a Ray Train run); promote the best."""
     from mri_platform.data import DataError
     from tuning.search import build_search, print_table, run_search
 
     try:
         config = build_search(
-            preset, filters=_int_list(filters), epochs=_pair(epochs, int), lr=_pair(lr, float), samples=samples,
+            preset, models=models.split(",") if models else None, filters=_int_list(filters),
+            epochs=_pair(epochs, int), lr=_pair(lr, float), samples=samples,
             workers_per_trial=workers_per_trial, gpus_per_worker=gpus_per_worker, max_concurrent=max_concurrent,
             scheduler=scheduler, grace_period=grace_period, reduction_factor=reduction_factor, search=search, seed=seed,
         )  # fmt: skip

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import yaml
 
-from mri_platform.models import PRESET_FILTERS, ModelConfig
+from mri_platform.models import NAMED, PRESET_FILTERS, ModelConfig
 from mri_platform.noise import NoiseConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 REPORT_EPOCHS = {"ae1": 50, "ae2": 70}
 """The report trained AE1 for 50 and AE2 for 70 epochs; models without a report recipe default to 50."""
+SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PLANES = ("axial", "coronal", "sagittal")
 
@@ -35,12 +36,14 @@ def bentoml_home() -> Path:
 
 @dataclass
 class TrainConfig:
-    """One training run of one autoencoder."""
+    """One training run of one model of the zoo."""
 
     model: str = "ae1"
-    """'ae1' (64 filters) or 'ae2' (256 filters), the report's two autoencoders."""
+    """'ae1' (64 filters) or 'ae2' (256 filters), the report's autoencoders; 'dncnn' or 'unet', the residual nets."""
     filters: int | None = None
-    """Override the model's width; None keeps the report's width for the model."""
+    """Override the model's width; None keeps the model's default width."""
+    depth: int | None = None
+    """Override DnCNN's layers or the U-Net's levels; None keeps the model's default."""
     epochs: int | None = None
     """Epochs to train; None takes the report's recipe (AE1 50, AE2 70)."""
     batch_size: int = 32
@@ -66,7 +69,19 @@ class TrainConfig:
     test_fraction: float = 0.2
     """Held-out share, split by volume or patient before augmentation (the built-in data has a fixed split)."""
     augment: bool = True
-    """Random rotation, shift, zoom and flip of training slices, as the report's code did."""
+    """Geometric augmentation: the report's rotation, shift, zoom and flip of whole slices; of patches, a random
+    zoom-out, flips and quarter turns."""
+    intensity_augment: bool | None = None
+    """Random gamma and brightness of the clean slices; None: on for the residual nets, off for the report's."""
+    size: int | str = 64
+    """Side the slices are resized to (the report: 64), or 'native' to keep each slice's own resolution."""
+    patch: int | None = None
+    """Train on random patch x patch crops instead of whole slices (needed at native size); None: whole slices."""
+    steps_per_epoch: int | None = None
+    """Optimiser steps per epoch, whatever the data's size; None: one pass over the training slices."""
+    schedule: str | None = None
+    """Learning rate over the run: 'constant' (the report's) or 'cosine' (a short warm-up, then cosine decay to
+    zero); None: cosine for the residual nets, constant for the report's."""
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     """Corruption used for training and validation."""
     seed: int = 0
@@ -93,7 +108,9 @@ class TrainConfig:
         if isinstance(self.noise, dict):
             self.noise = NoiseConfig(**self.noise)
         self.planes = tuple(self.planes)
-        ModelConfig.named(self.model, self.filters)  # validates model and width
+        if isinstance(self.size, str) and self.size.isdigit():
+            self.size = int(self.size)
+        ModelConfig.named(self.model, self.filters, self.depth)  # validates model, width and depth
         checks = [
             (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
@@ -107,14 +124,35 @@ class TrainConfig:
             (set(self.planes) <= set(PLANES), f"planes must be among {PLANES}, got {self.planes}"),
             (not self.resume or bool(self.run_name), "resume needs the run name of the run to continue"),
             (self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}"),
-        ]
+            (self.size == "native" or (isinstance(self.size, int) and self.size >= 8),
+             f"size must be 'native' or at least 8 pixels, got {self.size!r}"),
+            (self.patch is None or self.patch >= 8, f"patch must be at least 8 pixels, got {self.patch}"),
+            (self.patch is not None or self.size != "native",
+             "slices at native size differ in shape: give --patch N to train on N x N crops of them"),
+            (self.patch is None or self.size == "native" or self.patch <= self.size,
+             f"patch {self.patch} is larger than the {self.size} x {self.size} slices"),
+            (self.steps_per_epoch is None or self.steps_per_epoch >= 1,
+             f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}"),
+            (self.schedule is None or self.schedule in SCHEDULES,
+             f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
+        ]  # fmt: skip
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
 
     @property
     def model_config(self) -> ModelConfig:
-        return ModelConfig.named(self.model, self.filters)
+        return ModelConfig.named(self.model, self.filters, self.depth)
+
+    @property
+    def lr_schedule(self) -> str:
+        return self.schedule or ("constant" if self.model_config.is_report_model else "cosine")
+
+    @property
+    def augment_intensity(self) -> bool:
+        if self.intensity_augment is not None:
+            return self.intensity_augment
+        return not self.model_config.is_report_model
 
     @property
     def num_epochs(self) -> int:
@@ -154,11 +192,17 @@ def build_config(preset: str | None = None, **overrides) -> TrainConfig:
     values = load_preset(preset) if preset else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     model = str(values.get("model", "ae1")).lower()
-    if isinstance(values.get("epochs"), dict):
-        values["epochs"] = values["epochs"].get(model)
+    for key, value in list(values.items()):  # per-model values, e.g. epochs: {ae1: 30, unet: 12}
+        if key != "noise" and isinstance(value, dict):
+            unknown = set(value) - set(NAMED)
+            if unknown:
+                raise ValueError(f"{key}: per-model values must be keyed by {sorted(NAMED)}, got {sorted(unknown)}")
+            del values[key]
+            if value.get(model) is not None:  # a model the preset does not name keeps the field's default
+                values[key] = value[model]
     if "noise" in values and isinstance(values["noise"], dict):
         values["noise"] = NoiseConfig(**values["noise"])
     return TrainConfig(**values)
 
 
-__all__ = ["PRESET_FILTERS", "TrainConfig", "build_config", "load_preset", "state_dir"]
+__all__ = ["NAMED", "PRESET_FILTERS", "TrainConfig", "build_config", "load_preset", "state_dir"]

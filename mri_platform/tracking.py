@@ -61,8 +61,12 @@ def _params(config: TrainConfig, describe: dict[str, Any], n_params: int) -> dic
     data = describe["data"]
     return {
         "model": config.model,
+        "architecture": config.model_config.architecture,
         "filters": config.model_config.filters,
+        "depth": config.model_config.depth,
         "epochs": config.num_epochs,
+        "steps_per_epoch": config.steps_per_epoch or "one pass",
+        "schedule": config.lr_schedule,
         "batch_size": config.batch_size,
         "lr": config.lr,
         "noise_kind": config.noise.kind,
@@ -74,7 +78,9 @@ def _params(config: TrainConfig, describe: dict[str, Any], n_params: int) -> dic
         "n_train": data["n_train"],
         "n_val": data["n_val"],
         "image_size": data["size"],
+        "patch": data.get("patch") or "whole slices",
         "augment": config.augment,
+        "intensity_augment": config.augment_intensity,
         "workers": config.workers,
         "device": "gpu" if config.gpu else "cpu",
         "precision": config.precision,
@@ -171,9 +177,16 @@ def log_model(
 
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    from mlflow.types import Schema, TensorSpec
+
+    from mri_platform.checkpoints import applies_natively, read_checkpoint
+
     example = np.zeros((2, 1, 64, 64), dtype=np.float32)  # batch 2: a batch of 1 would freeze the batch dimension
     with torch.inference_mode():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+    if applies_natively(read_checkpoint(checkpoint)):  # any H x W: say so rather than the example's 64 x 64
+        spec = Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))])
+        signature = mlflow.models.ModelSignature(inputs=spec, outputs=spec)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model,
@@ -196,7 +209,10 @@ def _describe_version(uri: str, config: TrainConfig, version: str, scores: dict[
     mlflow_client = client(uri)
     tags = {
         "model_kind": config.model,
+        "architecture": config.model_config.architecture,
         "filters": config.model_config.filters,
+        "image_size": config.size,
+        "patch": config.patch or "whole slices",
         "noise": config.noise.describe(),
         "noise_kind": config.noise.kind,
         "noise_variance": config.noise.variance,
@@ -211,8 +227,9 @@ def _describe_version(uri: str, config: TrainConfig, version: str, scores: dict[
     mlflow_client.update_model_version(
         config.registered_model,
         version,
-        description=f"{config.model.upper()} ({config.model_config.filters} filters), trained against "
-        f"{config.noise.describe()}; held-out PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.3f}",
+        description=f"{config.model.upper()} ({config.model_config.architecture}, {config.model_config.filters} "
+        f"filters), trained against {config.noise.describe()}; held-out PSNR {scores['psnr']:.2f} dB, "
+        f"SSIM {scores['ssim']:.3f}",
     )
 
 
@@ -229,6 +246,7 @@ def open_sweep_run(uri: str, experiment: str, name: str, search: Any, resume: bo
             return runs[0].info.run_id
     run = mlflow_client.create_run(exp_id, run_name=name, tags={"sweep_name": name, "kind": "sweep"})
     params = [Param(k, str(v)) for k, v in search.to_dict().items()]
+    params.append(Param("candidates", ",".join(search.candidates())))  # the model:width choices actually searched
     mlflow_client.log_batch(run.info.run_id, params=params)
     return run.info.run_id
 

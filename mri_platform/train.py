@@ -8,6 +8,7 @@ scores, logs and registers the best checkpoint.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from mri_platform.checkpoints import FILENAME, load_checkpoint, save_checkpoint
 from mri_platform.config import TrainConfig, state_dir
 from mri_platform.metrics import mse_per_image, psnr_per_image, ssim_per_image, summarize
 from mri_platform.models import build_model, num_parameters
-from mri_platform.noise import NoiseConfig, add_noise, fixed_noisy
+from mri_platform.noise import NoiseConfig, add_noise, corrupted
 
 METRIC = "val_psnr"  # the checkpoint score: best kept by validation PSNR
 
@@ -76,21 +77,44 @@ def train_step(
 
 @torch.inference_mode()
 def evaluate_batches(
-    model: torch.nn.Module, clean: torch.Tensor, noisy: torch.Tensor, batch_size: int = 64
+    model: torch.nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int = 64
 ) -> tuple[float, float, float, int]:
-    """Sums of per-image MSE, PSNR and SSIM of the model's restorations (fp32), for all-reducing across ranks."""
-    sums = torch.zeros(3, dtype=torch.float64)
-    for start in range(0, len(clean), batch_size):
-        target, inputs = clean[start : start + batch_size], noisy[start : start + batch_size]
-        restored = model(inputs).float()
-        sums += torch.stack(
-            [
-                mse_per_image(restored, target).sum().double(),
-                psnr_per_image(restored, target).sum(),
-                ssim_per_image(restored, target).sum(),
-            ]
-        ).cpu()
-    return sums[0].item(), sums[1].item(), sums[2].item(), len(clean)
+    """Sums of per-image MSE, PSNR and SSIM of the model's restorations (fp32), for all-reducing across ranks.
+
+    `pairs` holds (clean, noisy) batches (n, 1, H, W), one per slice shape.
+    """
+    sums, count = torch.zeros(3, dtype=torch.float64), 0
+    for clean, noisy in pairs:
+        for start in range(0, len(clean), batch_size):
+            target, inputs = clean[start : start + batch_size], noisy[start : start + batch_size]
+            restored = model(inputs).float()
+            sums += torch.stack(
+                [
+                    mse_per_image(restored, target).sum().double(),
+                    psnr_per_image(restored, target).sum(),
+                    ssim_per_image(restored, target).sum(),
+                ]
+            ).cpu()
+        count += len(clean)
+    return sums[0].item(), sums[1].item(), sums[2].item(), count
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """'constant', or 'cosine': a linear warm-up over the first 3 % of the steps, then cosine decay to zero.
+
+    Stepped once per optimiser step; its state is checkpointed, so a resumed run continues the same curve.
+    """
+    warmup = max(1, round(0.03 * total_steps))
+
+    def factor(step: int) -> float:
+        if kind == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ----------------------------------------------------------------------------------------------- Ray worker
@@ -129,18 +153,29 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
 
-    train_images = np.array(ray.get(cfg["train_ref"]))  # a writable copy of the read-only shared array
-    val_images = torch.from_numpy(np.array(ray.get(cfg["val_ref"]))).unsqueeze(1)  # (N, 1, H, W)
-    val_noisy = fixed_noisy(val_images, config.noise, config.eval_seed)  # same corruption whatever the world size
-    val_clean = val_images[rank::world].to(device, memory_format=memory_format)
-    val_noisy = val_noisy[rank::world].to(device, memory_format=memory_format)
+    train_images = ray.get(cfg["train_ref"])  # (N, H, W), or (N,) arrays of their own sizes; the dataset copies
+    # The same corruption whatever the world size: drawn for the whole set, then each rank takes its share.
+    val_pairs = [
+        (clean[rank::world].to(device, memory_format=memory_format),
+         noisy[rank::world].to(device, memory_format=memory_format))
+        for clean, noisy in corrupted(ray.get(cfg["val_ref"]), config.noise, config.eval_seed)
+    ]  # fmt: skip
+    steps = config.steps_per_epoch
+    dataset = SliceDataset(
+        train_images,
+        augment=config.augment,
+        patch=config.patch,
+        intensity=config.augment_intensity,
+        length=steps * config.batch_size if steps else None,
+    )
     loader = torch.utils.data.DataLoader(
-        SliceDataset(train_images, augment=config.augment),
+        dataset,
         batch_size=config.worker_batch_size,
         shuffle=True,
-        drop_last=len(train_images) >= config.batch_size,
+        drop_last=len(dataset) >= config.batch_size,
     )
     loader = ray.train.torch.prepare_data_loader(loader)
+    scheduler = lr_schedule(optimizer, config.lr_schedule, config.num_epochs * len(loader))
 
     start_epoch = 1
     checkpoint = ray.train.get_checkpoint()
@@ -149,6 +184,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             payload = torch.load(Path(folder) / FILENAME, map_location="cpu", weights_only=True)
         getattr(model, "module", model).load_state_dict(payload["state_dict"])
         optimizer.load_state_dict(payload["optimizer"])
+        if "scheduler" in payload:
+            scheduler.load_state_dict(payload["scheduler"])
         start_epoch = payload["epoch"] + 1
 
     logger = EpochLogger(cfg["tracking_uri"], cfg["mlflow_run_id"]) if rank == 0 else None
@@ -157,16 +194,18 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             loader.sampler.set_epoch(epoch)
         # Fresh noise every batch, reproducible from (seed, epoch, rank) so a resumed run draws what it would have.
         generator = torch.Generator(device=device).manual_seed(hash((config.seed, epoch, rank)) % 2**31)
+        torch.manual_seed(hash((config.seed, epoch, rank, "augment")) % 2**31)  # the dataset's augmentation
         model.train()
         started, losses, seen = time.perf_counter(), [], 0
         for clean in loader:
             clean = clean.to(memory_format=memory_format)
             losses.append(train_step(model, clean, optimizer, config.noise, generator, amp_dtype, scaler))
+            scheduler.step()
             seen += clean.shape[0]
         train_time = time.perf_counter() - started
 
         model.eval()
-        sums = torch.tensor([*evaluate_batches(model, val_clean, val_noisy), seen, train_time], dtype=torch.float64)
+        sums = torch.tensor([*evaluate_batches(model, val_pairs), seen, train_time], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)  # sums of metrics and counts; train_time summed, divided by world below
         mse_sum, psnr_sum, ssim_sum, count, images, time_sum = sums.tolist()
@@ -180,6 +219,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             "val_ssim": scores["ssim"],
             "images_per_s": images / (time_sum / world),
             "epoch_time_s": time.perf_counter() - started,
+            "lr": scheduler.get_last_lr()[0],
         }
         if rank == 0:
             # Straight to the process's stdout: Ray Train patches print() into a logger that echoes it twice.
@@ -195,6 +235,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                     Path(folder) / FILENAME,
                     model,
                     optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
                     epoch=epoch,
                     metrics=metrics,
                     **cfg["describe"],
@@ -295,8 +336,8 @@ def fit(
     from mri_platform.evaluate import score_model
     from mri_platform.figures import comparison_figure
 
-    train_set, val_set = load_splits(config.data, planes=config.planes, test_fraction=config.test_fraction,
-                                     seed=config.seed)  # fmt: skip
+    train_set, val_set = load_splits(config.data, planes=config.planes, size=config.size,
+                                     test_fraction=config.test_fraction, seed=config.seed)  # fmt: skip
     if train_set.skipped:
         print(f"skipped {len(train_set.skipped)} unreadable inputs: " + "; ".join(
             f"{path}: {why}" for path, why in train_set.skipped[:10]), flush=True)  # fmt: skip
@@ -309,7 +350,8 @@ def fit(
             "fingerprint_val": val_set.fingerprint(),
             "n_train": len(train_set),
             "n_val": len(val_set),
-            "size": int(train_set.images.shape[-1]),
+            "size": config.size,
+            "patch": config.patch,
         },
         "train": {k: v for k, v in config.to_dict().items() if k not in ("noise", "tracking_uri")},
         "run_name": run_name,
@@ -326,7 +368,7 @@ def fit(
         train_loop_config={
             "config": {**config.to_dict(), "noise": config.noise.to_dict()},
             "train_ref": ray.put(train_set.images),
-            "val_ref": ray.put(val_set.images),
+            "val_ref": ray.put(val_set),
             "tracking_uri": uri,
             "mlflow_run_id": run_id,
             "describe": {**describe, "mlflow_run_id": run_id},

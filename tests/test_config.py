@@ -4,7 +4,7 @@ from mri_platform.config import PRESET_DIR, TrainConfig, build_config, load_pres
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
-@pytest.mark.parametrize("model", ["ae1", "ae2"])
+@pytest.mark.parametrize("model", ["ae1", "ae2", "unet", "dncnn"])
 def test_every_shipped_preset_builds_a_valid_config(preset, model):
     config = build_config(preset, model=model)
     assert config.num_epochs >= 1
@@ -34,6 +34,11 @@ def test_defaults_follow_the_report_and_overrides_win():
         ({"resume": True}, "resume needs the run name"),
         ({"model": "vae"}, "unknown model"),
         ({"planes": ("oblique",)}, "planes"),
+        ({"size": "native"}, "give --patch"),
+        ({"size": 32, "patch": 48}, "larger than"),
+        ({"schedule": "step"}, "schedule"),
+        ({"steps_per_epoch": 0}, "steps_per_epoch"),
+        ({"model": "unet", "depth": 0, "filters": 8, "size": 4}, "size"),
     ],
 )
 def test_invalid_settings_are_refused_with_a_reason(kwargs, message):
@@ -48,3 +53,17 @@ def test_unknown_preset_and_unknown_fields_are_refused(tmp_path):
     bad.write_text("epochz: 3\n")
     with pytest.raises(ValueError, match="unknown fields"):
         load_preset(str(bad))
+
+
+def test_presets_resolve_per_model_values_and_the_residual_nets_default_to_their_recipe():
+    unet, ae1 = build_config("demo", model="unet"), build_config("demo", model="ae1")
+    assert (unet.size, unet.patch, unet.lr_schedule, unet.augment_intensity) == ("native", 64, "cosine", True)
+    assert (ae1.size, ae1.patch, ae1.lr_schedule, ae1.augment_intensity) == (64, None, "constant", False)
+    assert build_config(None, model="ae1", schedule="cosine").lr_schedule == "cosine"  # an explicit choice wins
+
+
+def test_a_per_model_value_keyed_by_an_unknown_model_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: {unet: 3, resnet: 4}\n")
+    with pytest.raises(ValueError, match="keyed by"):
+        build_config(str(bad), model="unet")

@@ -65,6 +65,23 @@ def test_two_workers_train_log_checkpoint_and_register(local_ray, tmp_path):
     assert model(torch.rand(2, 1, 64, 64)).shape == (2, 1, 64, 64)
 
 
+def test_a_unet_learns_from_patches_of_native_slices_and_applies_at_any_size(local_ray, tmp_path):
+    config = tiny(tmp_path, model="unet", filters=8, epochs=3, steps_per_epoch=6, size="native", patch=32,
+                  registered_model="")  # fmt: skip
+    result = fit(config)
+
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    lrs = [h["lr"] for h in result.history]
+    assert lrs[0] > lrs[-1]  # cosine decay, stepped per optimiser step
+    assert result.history[-1]["images_per_s"] > 0 and result.metrics["psnr"] > result.metrics["noisy_psnr"] + 3
+    model, meta = load_checkpoint(result.checkpoint_path)
+    assert meta["data"]["size"] == "native" and meta["data"]["patch"] == 32
+    assert meta["model"]["architecture"] == "unet" and "scheduler" in meta
+    assert model(torch.rand(1, 1, 91, 75)).shape == (1, 1, 91, 75)
+    params = tracking.client(config.tracking_uri).get_run(result.run_id).data.params
+    assert (params["patch"], params["image_size"], params["schedule"]) == ("32", "native", "cosine")
+
+
 def test_resume_continues_from_the_last_checkpoint(local_ray, tmp_path):
     first = fit(tiny(tmp_path, epochs=2, run_name="resumable", registered_model=""))
     second = fit(tiny(tmp_path, epochs=4, run_name="resumable", resume=True, registered_model=""))

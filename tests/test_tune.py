@@ -22,20 +22,32 @@ def test_every_search_preset_builds(preset):
     assert config.samples >= 1 and config.epochs[0] <= config.epochs[1]
 
 
-def test_default_space_covers_the_reports_widths_and_epochs():
+def test_default_space_covers_the_zoo_with_a_width_range_per_model_and_the_reports_epochs():
     from ray import tune
 
+    from tuning.search import parse_candidate
+
     config = SearchConfig()
-    assert {64, 256} <= set(config.filters) and config.epochs == (50, 70)
+    assert config.epochs == (50, 70)
+    candidates = config.candidates()
+    assert {"unet:16", "unet:32", "unet:48", "dncnn:64", "ae1:64"} <= set(candidates)
+    assert {parse_candidate(c)[0] for c in candidates} == {"unet", "dncnn", "ae1"}
+    assert SearchConfig(models=["ae1", "ae2"], filters=[64, 256]).candidates() == ["ae1:64", "ae1:256", "ae2:64",
+                                                                                  "ae2:256"]  # fmt: skip
     space = config.space()
-    assert isinstance(space["filters"], tune.search.sample.Categorical)
+    assert isinstance(space["model"], tune.search.sample.Categorical)
     samples = [space["epochs"].sample() for _ in range(200)]
     assert min(samples) >= 50 and max(samples) <= 70 and 70 in samples  # the upper bound is inclusive
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"epochs": (10, 5)}, "epoch range"), ({"scheduler": "pbt"}, "scheduler"), ({"reduction_factor": 1}, "reduction")],
+    [
+        ({"epochs": (10, 5)}, "epoch range"),
+        ({"scheduler": "pbt"}, "scheduler"),
+        ({"reduction_factor": 1}, "reduction"),
+        ({"models": ["resnet"]}, "models must be among"),
+    ],  # fmt: skip
 )
 def test_bad_search_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -70,14 +82,15 @@ SMALL = {"epochs": (4, 4), "lr": (2e-3, 2e-3), "grace_period": 1, "reduction_fac
 def test_sweep_stops_bad_trials_nests_runs_and_crowns_the_best(local_ray, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # Width 2 is hopeless next to 32; one trial at a time makes ASHA's decisions follow the seeded order.
-    search = SearchConfig(filters=[2, 32], samples=4, max_concurrent=1, search="random", seed=3, **SMALL)
+    search = SearchConfig(models=["ae1"], filters=[2, 32], samples=4, max_concurrent=1, search="random", seed=3,
+                          **SMALL)  # fmt: skip
     summary = run_search(search, {"tracking_uri": uri, "storage": str(tmp_path / "ckpt")}, name="sweep-a")
 
     assert summary["n_trials"] == 4 and summary["n_failed"] == 0
     assert summary["n_stopped_early"] >= 1
     stopped = [t for t in summary["trials"] if t["stopped_early"]]
     assert all(t["epochs_run"] < 4 for t in stopped)
-    assert summary["best_config"]["filters"] == 32
+    assert summary["best_config"]["filters"] == 32 and summary["best_config"]["model"] == "ae1"
     assert summary["champion_version"] == summary["registered_version"] == "1"  # no champion before: it takes it
 
     client = tracking.client(uri)
@@ -105,7 +118,8 @@ def _nested_finished(uri: str) -> int:
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = [sys.executable, "-m", "mri_platform", "tune", "--filters", "8", "--epochs", "3-3", "--lr", "0.002,0.002",
+    args = [sys.executable, "-m", "mri_platform", "tune", "--models", "ae1", "--filters", "8", "--epochs", "3-3",
+            "--lr", "0.002,0.002",
             "--samples", "3", "--workers-per-trial", "1", "--max-concurrent", "1", "--scheduler", "fifo",
             "--tracking-uri", uri, "--storage", str(tmp_path / "ckpt"), "--name", "sweep-r"]  # fmt: skip
     env = {**os.environ, "MRI_PLATFORM_HOME": str(tmp_path / "state")}
@@ -143,7 +157,8 @@ def test_tune_job_submitted_to_a_real_ray_head(tmp_path, ray_head):
     out = tmp_path / "tune.json"
     command = [
         str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head.url, "--working-dir", ".",
-        "--", "python", "-m", "mri_platform", "tune", "--filters", "8,16", "--epochs", "2-2", "--lr", "0.002,0.002",
+        "--", "python", "-m", "mri_platform", "tune", "--models", "unet,ae1", "--filters", "8", "--epochs", "2-2",
+        "--lr", "0.002,0.002",
         "--samples", "2", "--workers-per-trial", "1", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
         "--storage", str(tmp_path / "ckpt"), "--json", str(out),
     ]  # fmt: skip
@@ -152,3 +167,4 @@ def test_tune_job_submitted_to_a_real_ray_head(tmp_path, ray_head):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads(out.read_text())
     assert summary["n_trials"] == 2 and summary["champion_version"] == "1"
+    assert {t["model"] for t in summary["trials"]} <= {"unet", "ae1"} and summary["best_config"]["model"]

@@ -1,4 +1,4 @@
-"""Search filter width, epochs and learning rate with Ray Tune, each trial a Ray Train run of the platform.
+"""Search architecture, width, epochs and learning rate with Ray Tune, each trial a Ray Train run of the platform.
 
 Tune-over-Train as Ray 2.60 does it: the Tuner runs a function trainable (`_trial`) that calls `train.fit`, whose
 TorchTrainer reports every epoch to Tune through `TuneReportCallback`, so ASHA can stop a hopeless trial between
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mri_platform.config import TrainConfig, build_config, read_preset, state_dir
+from mri_platform.models import NAMED, ModelConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DRIVER_RESOURCE = "TRAIN_DRIVER"
@@ -30,8 +31,11 @@ SWEEP_TAG = "sweep_name"
 class SearchConfig:
     """One hyperparameter search."""
 
-    filters: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
-    """Filter widths to choose from (64 is the report's AE1, 256 its AE2)."""
+    models: list[str] = field(default_factory=lambda: ["unet", "dncnn", "ae1"])
+    """Models of the zoo to choose from (see `mri_platform.models`)."""
+    filters: list[int] | None = None
+    """Widths to choose from for every model; None: each model's default width x 0.5, 1 and 1.5 (the U-Net's
+    default is 32, DnCNN's and AE1's 64, AE2's 256)."""
     epochs: tuple[int, int] = (50, 70)
     """Inclusive range of epochs to draw from (the report trained 50 and 70)."""
     lr: tuple[float, float] = (3e-4, 3e-3)
@@ -60,11 +64,19 @@ class SearchConfig:
     """Retries of a failed trial before it is reported as failed."""
 
     def __post_init__(self) -> None:
-        self.filters = [int(f) for f in self.filters]
+        self.models = [str(m).lower() for m in self.models]
+        self.filters = [int(f) for f in self.filters] if self.filters else None
         self.epochs = tuple(int(e) for e in self.epochs)
         self.lr = tuple(float(v) for v in self.lr)
         checks = [
-            (self.filters and min(self.filters) >= 1, f"filters must be positive widths, got {self.filters}"),
+            (
+                bool(self.models) and set(self.models) <= set(NAMED),
+                f"models must be among {sorted(NAMED)}, got {self.models}",
+            ),
+            (
+                self.filters is None or (self.filters and min(self.filters) >= 1),
+                f"filters must be positive widths, got {self.filters}",
+            ),
             (len(self.epochs) == 2 and 1 <= self.epochs[0] <= self.epochs[1], f"bad epoch range {self.epochs}"),
             (len(self.lr) == 2 and 0 < self.lr[0] <= self.lr[1], f"bad learning-rate range {self.lr}"),
             (self.samples >= 1, f"samples must be >= 1, got {self.samples}"),
@@ -80,11 +92,20 @@ class SearchConfig:
             if not ok:
                 raise ValueError(message)
 
+    def candidates(self) -> list[str]:
+        """'model:width' choices: one flat categorical, since Optuna cannot sample a width range per model."""
+        choices = []
+        for model in self.models:
+            default = NAMED[model][1]
+            widths = self.filters or sorted({max(4, round(default * k)) for k in (0.5, 1.0, 1.5)})
+            choices += [f"{model}:{width}" for width in widths]
+        return choices
+
     def space(self) -> dict[str, Any]:
         from ray import tune
 
         return {
-            "filters": tune.choice(self.filters),
+            "model": tune.choice(self.candidates()),
             "epochs": tune.randint(self.epochs[0], self.epochs[1] + 1),
             "lr": tune.loguniform(*self.lr) if self.lr[0] < self.lr[1] else self.lr[0],
         }
@@ -104,6 +125,13 @@ def build_search(preset: str | None = None, **overrides: Any) -> SearchConfig:
     return SearchConfig(**values)
 
 
+def parse_candidate(choice: str) -> tuple[str, int]:
+    """'unet:32' -> ('unet', 32)."""
+    model, _, width = str(choice).partition(":")
+    ModelConfig.named(model, int(width))  # refuses a model or width the zoo cannot build
+    return model, int(width)
+
+
 # ----------------------------------------------------------------------------------------------- one trial
 def _trial(space: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any]) -> None:
     """A Tune trial: one Ray Train run of the platform with the sampled width, epochs and learning rate."""
@@ -113,11 +141,13 @@ def _trial(space: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any]) -
     from mri_platform.train import fit
 
     os.environ["MRI_PLATFORM_HOME"] = sweep["state_dir"]  # the trial's actor may not share the driver's env
-    filters = int(space["filters"])
-    config = TrainConfig(
+    model, filters = parse_candidate(space["model"])
+    # The preset's per-model settings (patches, steps per epoch) for this trial's model, then the sweep's options.
+    config = build_config(
+        sweep["train_preset"],
         **{
             **base,
-            "model": {64: "ae1", 256: "ae2"}.get(filters, "custom"),
+            "model": model,
             "filters": filters,
             "epochs": int(space["epochs"]),
             "lr": float(space["lr"]),
@@ -125,7 +155,7 @@ def _trial(space: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any]) -
             "run_name": f"{sweep['name']}-{tune.get_context().get_trial_id()}",
             "resume": True,
             "registered_model": "",
-        }
+        },
     )
     fit(config, callbacks=[TuneReportCallback()], parent_run_id=sweep["parent_run_id"], log_model=False)
 
@@ -231,8 +261,9 @@ def run_search(
     uri = tracking.resolve_tracking_uri(base.tracking_uri)
     parent_run_id = tracking.open_sweep_run(uri, base.experiment, name, search, resume=resume)
     storage_path, filesystem = resolve_storage(base.storage)
-    base_dict = {**base.to_dict(), "noise": base.noise.to_dict(), "tracking_uri": uri}
-    sweep = {"name": name, "parent_run_id": parent_run_id, "state_dir": str(state_dir())}
+    base_dict = {**overrides, "noise": base.noise.to_dict(), "tracking_uri": uri}
+    sweep = {"name": name, "parent_run_id": parent_run_id, "state_dir": str(state_dir()),
+             "train_preset": search.train_preset}  # fmt: skip
     trainable = tune.with_resources(tune.with_parameters(_trial, base=base_dict, sweep=sweep), {DRIVER_RESOURCE: 1})
     print(
         f"sweep {name}: {search.samples} trials, {concurrent} at once, {search.workers_per_trial} worker(s) each, "
@@ -287,7 +318,8 @@ def _trial_summary(result, sweep_name: str) -> dict[str, Any]:
     return {
         "trial_id": trial_id,
         "run_name": f"{sweep_name}-{trial_id}",  # the trial's Train run and MLflow run name (see _trial)
-        "filters": config.get("filters"),
+        "model": str(config.get("model", "")).partition(":")[0] or None,
+        "filters": int(str(config["model"]).partition(":")[2]) if config.get("model") else None,
         "epochs": wanted,
         "lr": config.get("lr"),
         "psnr": float(best[METRIC]) if best is not None else math.nan,
@@ -334,13 +366,14 @@ def _finish(grid, trials, search, base, uri, parent_run_id, registered_model, fi
     ray.train.Checkpoint(best["checkpoint_path"], filesystem=filesystem).to_directory(str(local))
     model, meta = load_checkpoint(local / FILENAME)
     config = TrainConfig(**{**meta["train"], "noise": meta["noise"], "registered_model": registered_model})
-    _, held_out = load_splits(config.data, planes=config.planes, test_fraction=config.test_fraction, seed=config.seed)
+    _, held_out = load_splits(config.data, planes=config.planes, size=config.size,
+                              test_fraction=config.test_fraction, seed=config.seed)  # fmt: skip
     scores = score_model(model, held_out, config.noise, seed=config.eval_seed)
     best_run = meta["mlflow_run_id"]
     _, version = tracking.log_model(uri, best_run, model, local / FILENAME, scores, config)
     outcome = promote(registered_model, [version], held_out, seed=config.eval_seed, tracking_uri=uri)
     summary.update(
-        best_config={"filters": best["filters"], "epochs": best["epochs"], "lr": best["lr"]},
+        best_config={"model": best["model"], "filters": best["filters"], "epochs": best["epochs"], "lr": best["lr"]},
         best_psnr=best["psnr"],
         best_trial=best["trial_id"],
         best_run_id=best_run,
@@ -353,12 +386,12 @@ def _finish(grid, trials, search, base, uri, parent_run_id, registered_model, fi
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    header = ("trial", "filters", "epochs", "lr", "PSNR dB", "SSIM", "run", "stopped", "time s")
-    print("\n{:>14s} {:>7s} {:>6s} {:>8s} {:>8s} {:>6s} {:>5s} {:>8s} {:>7s}".format(*header))
+    header = ("trial", "model", "filters", "epochs", "lr", "PSNR dB", "SSIM", "run", "stopped", "time s")
+    print("\n{:>14s} {:>6s} {:>7s} {:>6s} {:>8s} {:>8s} {:>6s} {:>5s} {:>8s} {:>7s}".format(*header))
     for t in sorted(summary["trials"], key=lambda t: -t["psnr"] if not math.isnan(t["psnr"]) else math.inf):
         stopped = "failed" if t["error"] else ("early" if t["stopped_early"] else "")
         print(
-            f"{t['trial_id'][-14:]:>14s} {t['filters']!s:>7s} {t['epochs']:6d} {t['lr'] or 0:8.2e} "
+            f"{t['trial_id'][-14:]:>14s} {t['model']!s:>6s} {t['filters']!s:>7s} {t['epochs']:6d} {t['lr'] or 0:8.2e} "
             f"{t['psnr']:8.2f} {t['ssim']:6.3f} {t['epochs_run']:5d} {stopped:>8s} {t['time_s'] or 0:7.0f}"
         )
     print(

@@ -67,6 +67,7 @@ def _params(config: TrainConfig, describe: dict[str, Any], n_params: int) -> dic
         "epochs": config.num_epochs,
         "steps_per_epoch": config.steps_per_epoch or "one pass",
         "schedule": config.lr_schedule,
+        "grad_clip": config.max_grad_norm or "none",
         "batch_size": config.batch_size,
         "lr": config.lr,
         "noise_kind": config.noise.kind,

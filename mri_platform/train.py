@@ -58,8 +58,10 @@ def train_step(
     generator: torch.Generator | None,
     amp_dtype: torch.dtype | None,
     scaler: torch.amp.GradScaler | None = None,
+    max_grad_norm: float | None = None,
 ) -> float:
-    """One optimisation step on a batch of clean slices (N, 1, H, W), with fresh noise drawn for it."""
+    """One optimisation step on a batch of clean slices (N, 1, H, W), with fresh noise drawn for it; the gradient's
+    norm clipped to `max_grad_norm` when given."""
     noisy = add_noise(clean, noise, generator)
     with torch.autocast(clean.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         restored = model(noisy)
@@ -67,10 +69,15 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
+        if max_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
     return loss.item()
 
@@ -199,7 +206,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         started, losses, seen = time.perf_counter(), [], 0
         for clean in loader:
             clean = clean.to(memory_format=memory_format)
-            losses.append(train_step(model, clean, optimizer, config.noise, generator, amp_dtype, scaler))
+            losses.append(
+                train_step(model, clean, optimizer, config.noise, generator, amp_dtype, scaler, config.max_grad_norm)
+            )
             scheduler.step()
             seen += clean.shape[0]
         train_time = time.perf_counter() - started

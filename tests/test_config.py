@@ -38,6 +38,7 @@ def test_defaults_follow_the_report_and_overrides_win():
         ({"size": 32, "patch": 48}, "larger than"),
         ({"schedule": "step"}, "schedule"),
         ({"steps_per_epoch": 0}, "steps_per_epoch"),
+        ({"grad_clip": -1.0}, "grad_clip"),
         ({"model": "unet", "depth": 0, "filters": 8, "size": 4}, "size"),
     ],
 )
@@ -60,6 +61,8 @@ def test_presets_resolve_per_model_values_and_the_residual_nets_default_to_their
     assert (unet.size, unet.patch, unet.lr_schedule, unet.augment_intensity) == ("native", 64, "cosine", True)
     assert (ae1.size, ae1.patch, ae1.lr_schedule, ae1.augment_intensity) == (64, None, "constant", False)
     assert build_config(None, model="ae1", schedule="cosine").lr_schedule == "cosine"  # an explicit choice wins
+    assert (unet.max_grad_norm, ae1.max_grad_norm) == (1.0, None)  # the report's models keep the report's recipe
+    assert build_config(None, model="unet", grad_clip=0).max_grad_norm is None
 
 
 def test_a_per_model_value_keyed_by_an_unknown_model_is_refused(tmp_path):

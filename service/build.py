@@ -1,9 +1,10 @@
 """From the MLflow registry to a Bento: import a registered version into BentoML's store, then `bentoml build`.
 
 The Bento is built from the registry (``models:/mri-denoiser@champion`` by default), never from a file lying
-around: the imported BentoML model carries the registry version, its run, its kind, width, noise and held-out
-metrics, and the Bento's tag names the version (``mri-denoiser:v3``). BentoML reads ``BENTOML_HOME`` when it is
-first imported, so these functions set it (to :func:`mri_platform.config.bentoml_home`) before importing it.
+around: the imported BentoML model carries the registry version, its run, its kind, architecture and width,
+whether it applies at native resolution, its noise and held-out metrics, and the Bento's tag names the version
+(``mri-denoiser:v3``). BentoML reads ``BENTOML_HOME`` when it is first imported, so these functions set it (to
+:func:`mri_platform.config.bentoml_home`) before importing it.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mri_platform.checkpoints import FILENAME, read_checkpoint
+from mri_platform.checkpoints import FILENAME, applies_natively, read_checkpoint, trained_size
 from mri_platform.config import bentoml_home
+from mri_platform.models import ModelConfig
 from mri_platform.services import find_bentoml
 
 BENTO_NAME = "mri-denoiser"
@@ -76,6 +78,7 @@ def import_model(model_uri: str = "models:/mri-denoiser@champion", tracking_uri:
     download = Path(tempfile.mkdtemp(prefix="mri-import-"))
     checkpoint = download_checkpoint(f"models:/{name}/{version}", uri, dst=download)
     payload = read_checkpoint(checkpoint)
+    data = payload.get("data", {})
     tags = details.tags
     metadata = {
         "registered_model": name,
@@ -85,13 +88,18 @@ def import_model(model_uri: str = "models:/mri-denoiser@champion", tracking_uri:
         "tracking_uri": uri,
         "run_id": details.run_id,
         "model_kind": tags.get("model_kind", ""),
+        "architecture": ModelConfig(**payload["model"]).architecture,
         "filters": int(payload["model"]["filters"]),
-        "image_size": int(payload.get("data", {}).get("size", 64)),
+        "image_size": data.get("size", 64),  # the slices' side, or "native" (trained at their own sizes)
+        "patch": data.get("patch"),  # the side of the random patches it was trained on, if any
+        "native": applies_natively(payload),  # served at every image's own resolution, else resized
+        "trained_size": trained_size(payload),
         "noise": payload["noise"],
         "psnr": float(tags["psnr"]) if "psnr" in tags else None,
         "ssim": float(tags["ssim"]) if "ssim" in tags else None,
         "description": details.description or "",
     }
+    metadata = {k: v for k, v in metadata.items() if v is not None}  # BentoML refuses None: leave the key out
     bentoml = _bentoml()
     tag = f"{MODEL_NAME}:v{version}"
     with contextlib.suppress(bentoml.exceptions.NotFound):

@@ -4,10 +4,10 @@ From Python::
 
     from service.client import Client
     client = Client("http://127.0.0.1:3000")
-    denoised = client.denoise(slices)                  # (N, 64, 64) or (64, 64) float32 in [0, 1] -> (N, 64, 64)
+    denoised = client.denoise(slices)                  # (N, H, W) or (H, W) float32 in [0, 1] -> (N, H, W)
     png = client.denoise_image("scan.png")             # any size and mode -> denoised PNG at the original size
     nifti = client.denoise_volume("brain.nii.gz")      # -> denoised NIfTI, same affine and header
-    client.info()                                      # the model's registry version, kind, noise and metrics
+    client.info()                                      # the model's version, architecture, resolution, metrics
 
 From the command line (the endpoint is picked by file type)::
 
@@ -60,7 +60,8 @@ class Client:
         self.url, self.timeout = url.rstrip("/"), timeout
 
     def denoise(self, slices: np.ndarray) -> np.ndarray:
-        """Denoise (N, 64, 64) or (64, 64) slices with intensities in [0, 1]; returns (N, 64, 64) float32."""
+        """Denoise (N, H, W) or (H, W) slices with intensities in [0, 1]; returns (N, H, W) float32. A native model
+        works at H x W; a report model resizes to its 64 x 64 and back (``info()["resolution"]`` says which)."""
         array = np.asarray(slices, dtype=np.float32)
         body = json.dumps({"slices": array.tolist()}).encode()
         answer = self._post("/denoise", body, "application/json")
@@ -68,7 +69,7 @@ class Client:
 
     def denoise_image(self, image: str | Path | bytes, size: str = "original") -> bytes:
         """Denoise a PNG or JPEG (a path or its bytes); returns a PNG at the original size or, with
-        ``size="model"``, at the model's 64 x 64."""
+        ``size="model"``, at a report model's 64 x 64 (a native model has no other size)."""
         if size not in ("original", "model"):
             raise ValueError(f"size must be 'original' or 'model', got {size!r}")
         content, name = _read(image, "image.png")
@@ -83,7 +84,8 @@ class Client:
         return self._post("/denoise_volume", body, content_type)
 
     def info(self) -> dict[str, Any]:
-        """The served model: registry version, kind, width, noise, held-out metrics and serving settings."""
+        """The served model: registry version, kind, architecture, width, resolution ('native' or 'resized to
+        64 x 64'), noise, held-out metrics and serving settings."""
         return json.loads(self._request(urllib.request.Request(f"{self.url}/info")))
 
     def _post(self, path: str, body: bytes, content_type: str) -> bytes:

@@ -1,30 +1,97 @@
-"""The model as the service runs it: a checkpoint in, (N, H, W) slices in [0, 1] in and out.
+"""The model as the service runs it: a checkpoint in, slices in [0, 1] in and out, at their own resolution where
+the model allows it.
 
-Kept apart from BentoML so that the benchmark measures the same code in-process (the ceiling for served
+Kept apart from BentoML so that the benchmarks measure the same code in-process (the ceiling for served
 throughput) and the tests can check it without a server.
+
+A model is applied in one of two ways, as its checkpoint says (:func:`mri_platform.checkpoints.applies_natively`):
+
+- **native** (the residual networks, and any model trained on patches): a slice is denoised at its own H x W,
+  never resized. Up to ``tile`` x ``tile`` it goes through the network whole. A bigger slice is cut into tiles of
+  that size overlapping by ``overlap`` pixels; each tile's output is kept away from its cut edges (neighbours split
+  their overlap in the middle), so that the memory of a forward pass is bounded by the tile whatever the image
+  size. Cropping the margins matched whole-image inference better than blending the overlap with linear ramps
+  (a trained U-Net on a real 256 x 256 slice, tiles of 128: 67 dB against 52 dB at a 32 px overlap; identical at
+  64 px): a ramp still gives weight to the pixels next to a cut edge, whose context was padding.
+- **resized** (the report's autoencoders, which learned whole 64 x 64 slices through a 16 x 16 bottleneck): every
+  slice is shrunk to the trained size, denoised and enlarged back, as the report's app did. A slice of the trained
+  size passes as it is.
+
+Either way a forward pass holds at most ``pass_pixels`` pixels: several slices (or tiles) of one size per pass.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mri_platform.checkpoints import FILENAME, checkpoint_noise, load_checkpoint
+from mri_platform.checkpoints import FILENAME, applies_natively, checkpoint_noise, load_checkpoint, trained_size
 from mri_platform.noise import NoiseConfig
+from service.imaging import resize
 
 PRECISIONS = ("fp32", "bf16")
+TILE = 256
+"""Default side of the largest slice passed whole; bigger slices are tiled (MRI_SERVICE_TILE)."""
+OVERLAP = 32
+"""Default overlap of neighbouring tiles in pixels (MRI_SERVICE_TILE_OVERLAP): every kept pixel is at least 16 px
+from a cut edge. Tiled output then differs from whole-image output by 1e-3 on average (67 dB) for a small U-Net;
+64 px makes them identical for it, at (256 / 192)^2 = 1.8x the work of an untiled image instead of 1.3x."""
+PASS_PIXELS = 4 * 256 * 256
+"""Most pixels in one forward pass: 4 tiles of 256 x 256 or 64 slices of 64 x 64 (the batch the report models ran
+fastest at per slice on 2 cores; bigger batches were slower per slice, see ../shared/STACK.md)."""
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Where tiles of side ``tile`` start along an axis of ``length`` pixels: every ``tile - overlap`` pixels, the
+    last one flush with the end (so it may overlap its neighbour by more)."""
+    if length <= tile:
+        return [0]
+    return [*range(0, length - tile, tile - overlap), length - tile]
+
+
+def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int, int]]:
+    """(tile start, first, last + 1) along an axis: the pixels each tile's output is kept for. Neighbours split
+    their overlap in the middle, so every pixel comes from exactly one tile, at least ``overlap // 2`` pixels away
+    from that tile's cut edges (where the network saw padding instead of the image around it)."""
+    starts = tile_starts(length, tile, overlap)
+    cuts = [0, *((a + tile + b) // 2 for a, b in zip(starts, starts[1:], strict=False)), length]
+    return [(start, cuts[k], cuts[k + 1]) for k, start in enumerate(starts)]
 
 
 class Denoiser:
-    """A trained autoencoder in eval mode on the CPU (or a GPU), channels_last, fp32 or bf16 autocast."""
+    """A trained denoiser in eval mode on the CPU (or a GPU), channels_last, fp32 or bf16 autocast.
 
-    def __init__(self, checkpoint: str | Path, precision: str = "fp32", device: str | None = None):
+    ``native`` and ``size`` override what the checkpoint says (None): ``native=False`` forces the resize path on
+    any model, to ``size`` x ``size`` (what the service did for every model before the zoo, at 64; the benchmark
+    compares both); ``native=True`` applies even a report model at every image's own size.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        precision: str = "fp32",
+        device: str | None = None,
+        *,
+        tile: int = TILE,
+        overlap: int = OVERLAP,
+        pass_pixels: int = PASS_PIXELS,
+        native: bool | None = None,
+        size: int | None = None,
+    ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if tile < 32 or not 0 <= overlap <= tile // 2:
+            raise ValueError(
+                f"tile {tile} with overlap {overlap} is not usable: the tile must be at least 32 pixels and the "
+                "overlap between 0 and half the tile (MRI_SERVICE_TILE, MRI_SERVICE_TILE_OVERLAP)"
+            )
+        if pass_pixels < tile * tile:
+            raise ValueError(f"pass_pixels ({pass_pixels:,}) must hold at least one tile ({tile} x {tile})")
         path = Path(checkpoint)
         if path.is_dir():
             path = path / FILENAME
@@ -32,31 +99,118 @@ class Denoiser:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = self.model.to(self.device, memory_format=torch.channels_last)
         self.precision = precision
-        self.size = int(self.meta.get("data", {}).get("size", 64))  # the side the model was trained at
+        self.native = applies_natively(self.meta) if native is None else native
+        self.size = size or trained_size(self.meta)
+        """The side a report model is fed (resized to it and back); what a native model learned from."""
+        self.tile, self.overlap, self.pass_pixels = tile, overlap, pass_pixels
 
     @property
     def noise(self) -> NoiseConfig:
         """The noise the model was trained against (what the page adds to a clean image)."""
         return checkpoint_noise(self.meta)
 
+    @property
+    def architecture(self) -> str:
+        return str(self.model.config.architecture)
+
+    @property
+    def resolution(self) -> str:
+        """'native', or 'resized to 64 x 64': how every image is fed to the model."""
+        return "native" if self.native else f"resized to {self.size} x {self.size}"
+
     def describe(self) -> dict[str, Any]:
         return {
             "model": self.meta["model"],
+            "architecture": self.architecture,
             "noise": self.meta["noise"],
-            "image_size": self.size,
+            "resolution": self.resolution,
+            "native": self.native,
+            "trained_size": self.size,
+            "tile": self.tile if self.native else None,
+            "tile_overlap": self.overlap if self.native else None,
+            "pass_pixels": self.pass_pixels,
             "precision": self.precision,
             "device": str(self.device),
         }
 
+    def explain(self, height: int, width: int) -> str:
+        """One line for people: how a height x width image is (or was) denoised."""
+        if not self.native:
+            return (
+                f"resized from {width} x {height} to the model's {self.size} x {self.size}, "
+                "as the report's models require"
+            )
+        if height <= self.tile and width <= self.tile:
+            return f"denoised at the image's own {width} x {height}"
+        return (
+            f"denoised at the image's own {width} x {height}, in tiles of {self.tile} x {self.tile} "
+            f"overlapping by {self.overlap} px"
+        )
+
     @torch.inference_mode()
     def __call__(self, slices: np.ndarray) -> np.ndarray:
         """Denoise (N, H, W) float32 slices in [0, 1]; returns (N, H, W) float32 in [0, 1]."""
-        batch = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32)).unsqueeze(1)  # (N, 1, H, W)
-        batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+        array = np.asarray(slices, dtype=np.float32)
+        if array.ndim != 3 or 0 in array.shape:
+            raise ValueError(f"expected (N, H, W) slices with N, H, W >= 1, got shape {array.shape}")
+        height, width = array.shape[1:]
+        if not self.native:
+            return self._resized(array)
+        if height <= self.tile and width <= self.tile:
+            return self._whole(array)
+        return self._tiled(array)
+
+    def denoise_list(self, slices: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Slices of any sizes, each (H, W), in order: the slices of one size are denoised together."""
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(slices):
+            by_shape.setdefault(tuple(image.shape), []).append(index)
+        out: list[np.ndarray] = [np.empty(0)] * len(slices)
+        for indices in by_shape.values():
+            for index, restored in zip(indices, self(np.stack([slices[i] for i in indices])), strict=True):
+                out[index] = restored
+        return out
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        """One forward pass of (n, h, w) slices or tiles."""
+        tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).unsqueeze(1)  # (n, 1, h, w)
+        tensor = tensor.to(self.device).contiguous(memory_format=torch.channels_last)
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         with torch.autocast(self.device.type, dtype=dtype, enabled=self.precision == "bf16"):
-            out = self.model(batch)
+            out = self.model(tensor)
         return out.float().clamp_(0, 1).squeeze(1).cpu().numpy()
+
+    def _chunks(self, count: int, height: int, width: int) -> Iterator[slice]:
+        per_pass = max(1, self.pass_pixels // (height * width))
+        for start in range(0, count, per_pass):
+            yield slice(start, start + per_pass)
+
+    def _whole(self, array: np.ndarray) -> np.ndarray:
+        n, height, width = array.shape
+        return np.concatenate([self._forward(array[part]) for part in self._chunks(n, height, width)])
+
+    def _resized(self, array: np.ndarray) -> np.ndarray:
+        shape = array.shape[1:]
+        side = (self.size, self.size)
+        if shape == side:
+            return self._whole(array)
+        restored = self._whole(np.stack([resize(image, side) for image in array]))
+        return np.stack([resize(image, shape) for image in restored])
+
+    def _tiled(self, array: np.ndarray) -> np.ndarray:
+        """Overlapping tiles of at most tile x tile; each kept for the pixels away from its cut edges."""
+        n, height, width = array.shape
+        tile_h, tile_w = min(self.tile, height), min(self.tile, width)
+        rows = tile_spans(height, tile_h, self.overlap)
+        cols = tile_spans(width, tile_w, self.overlap)
+        jobs = [(k, row, col) for k in range(n) for row in rows for col in cols]
+        out = np.empty_like(array)
+        for part in self._chunks(len(jobs), tile_h, tile_w):
+            chunk = jobs[part]
+            tiles = np.stack([array[k, r : r + tile_h, c : c + tile_w] for k, (r, _, _), (c, _, _) in chunk])
+            for (k, (r, top, bottom), (c, left, right)), restored in zip(chunk, self._forward(tiles), strict=True):
+                out[k, top:bottom, left:right] = restored[top - r : bottom - r, left - c : right - c]
+        return out
 
 
 def configure_threads() -> int:

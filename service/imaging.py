@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,23 +53,47 @@ class Limits:
 # Slice arrays (the /denoise API)
 
 
-def check_slices(array: np.ndarray, size: int, max_slices: int) -> np.ndarray:
-    """A (N, size, size) float32 array in [0, 1] from (size, size) or (N, size, size) input, or InputError."""
+def as_slice_list(value: object) -> object:
+    """JSON ``slices`` as a list of slices: a single (H, W) slice (a list of rows of numbers) becomes a list of one.
+
+    Runs on the parsed JSON before the slices are turned into arrays, so that ``{"slices": [[...], ...]}`` of
+    depth 2 is one slice and of depth 3 a list of N; anything else is left for :func:`check_slices` to refuse.
+    """
+    rows = isinstance(value, list) and value and isinstance(value[0], list) and value[0]
+    return [value] if rows and not isinstance(value[0][0], list) else value
+
+
+def check_slices(slices: Sequence[np.ndarray] | np.ndarray, max_slices: int, max_pixels: int) -> list[np.ndarray]:
+    """(H, W) float32 slices in [0, 1], all of one size, from (N, H, W) or (H, W) input (an array or a list of
+    arrays); InputError otherwise. Any H x W of at most ``max_pixels`` is accepted."""
+    if isinstance(slices, np.ndarray):
+        slices = list(slices[None] if slices.ndim == 2 else slices) if slices.ndim in (2, 3) else [slices]
+    if len(slices) == 0:
+        raise InputError("the request holds no slices (shape has N = 0)")
+    if len(slices) > max_slices:
+        raise InputError(
+            f"{len(slices)} slices in one request is more than the limit of {max_slices}; split the request"
+        )
+    shapes = {np.shape(image) for image in slices}
+    if len(shapes) > 1:
+        raise InputError(
+            f"the slices of one request must share one size, got shapes {sorted(shapes)}; send slices of "
+            "different sizes in separate requests"
+        )
+    shape = shapes.pop()
+    if len(shape) != 2 or 0 in shape:
+        raise InputError(
+            f"expected slices of shape (N, H, W) or one (H, W) slice, got slices of shape {shape}; a slice is a "
+            "list of rows of intensities"
+        )
+    if shape[0] * shape[1] > max_pixels:
+        raise InputError(
+            f"slices of {shape[1]} x {shape[0]} pixels are over the limit of {max_pixels:,} pixels; downscale them "
+            "(limit: MRI_SERVICE_MAX_IMAGE_PIXELS)"
+        )
+    array = np.stack(slices)
     if array.dtype.kind not in "fiu" or array.dtype == np.bool_:
         raise InputError(f"expected numbers (float32 in [0, 1]), got dtype {array.dtype}")
-    if array.ndim == 2:
-        array = array[None]
-    if array.ndim != 3 or array.shape[1:] != (size, size):
-        raise InputError(
-            f"expected slices of shape (N, {size}, {size}) or ({size}, {size}), got {tuple(array.shape)}; "
-            f"resize to {size}x{size} first, or send images to /denoise_image, which resizes them"
-        )
-    if array.shape[0] == 0:
-        raise InputError("the request holds no slices (shape has N = 0)")
-    if array.shape[0] > max_slices:
-        raise InputError(
-            f"{array.shape[0]} slices in one request is more than the limit of {max_slices}; split the request"
-        )
     array = array.astype(np.float32, copy=False)
     if not np.isfinite(array).all():
         bad = int(np.size(array) - np.isfinite(array).sum())
@@ -79,7 +104,7 @@ def check_slices(array: np.ndarray, size: int, max_slices: int) -> np.ndarray:
             f"intensities must lie in [0, 1] (the model was trained on that range), got [{low:.4g}, {high:.4g}]; "
             "divide 8-bit pixels by 255, or scale a scan by its own range"
         )
-    return np.clip(array, 0.0, 1.0)
+    return list(np.clip(array, 0.0, 1.0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -112,7 +137,7 @@ def read_image(content: bytes, limits: Limits) -> np.ndarray:
         if width * height > limits.max_image_pixels:
             raise InputError(
                 f"the image is {width} x {height} = {width * height:,} pixels, more than the limit of "
-                f"{limits.max_image_pixels:,}; downscale it first (the model works at 64 x 64)",
+                f"{limits.max_image_pixels:,}; downscale it first",
                 status=413,
             )
         try:
@@ -220,17 +245,21 @@ def volume_range(data: np.ndarray) -> tuple[float, float]:
         raise InputError(f"nothing to denoise in the volume: {exc}") from None
 
 
-def volume_to_slices(volume: Volume, size: int) -> tuple[np.ndarray, tuple[float, float]]:
-    """Every slice along the third array axis (of every 3D volume of a 4D file), in [0, 1], resized to size."""
+def volume_to_slices(volume: Volume, size: int | None = None) -> tuple[np.ndarray, tuple[float, float]]:
+    """Every slice along the third array axis (of every 3D volume of a 4D file), in [0, 1], at its own in-plane
+    size, or resized to size x size."""
     low, high = volume_range(volume.data)
     scaled = np.clip((volume.data - low) / (high - low), 0.0, 1.0)
     x, y, z, t = scaled.shape
     stack = scaled.transpose(3, 2, 0, 1).reshape(t * z, x, y)  # (T*Z, X, Y), volume-major
+    if size is None:
+        return np.ascontiguousarray(stack, dtype=np.float32), (low, high)
     return np.stack([resize(s, (size, size)) for s in stack]), (low, high)
 
 
 def slices_to_volume(volume: Volume, denoised: np.ndarray, window: tuple[float, float]) -> bytes:
-    """Write denoised (T*Z, size, size) slices back at the volume's own size, intensity window and geometry.
+    """Write denoised (T*Z, H, W) slices back at the volume's own size (resized if need be), intensity window and
+    geometry.
 
     The affine, the voxel sizes and the rest of the header are the input's; the data are stored as float32 (the
     denoiser's output is continuous, so the input's integer type would round it).

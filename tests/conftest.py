@@ -52,16 +52,37 @@ def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="session")
-def built_bento(state_dir: Callable[[str], Path]) -> dict:
-    """A real MRI denoiser registered as champion in a sqlite registry, built into a Bento by the real CLI.
+def native_model():
+    """A small residual U-Net (8 filters) trained for 300 plain steps on the built-in 64 x 64 slices: a model that
+    applies at any resolution, as the platform's demo serves. The served champion, and the in-process tests' model."""
+    from helpers import train_plainly
+
+    return train_plainly(steps=300, filters=8, model="unet")
+
+
+@pytest.fixture(scope="session")
+def native_checkpoint(native_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`native_model` saved as a self-describing checkpoint (trained on whole 64 x 64 slices)."""
+    from helpers import describe
+
+    from mri_platform.checkpoints import save_checkpoint
+
+    return save_checkpoint(tmp_path_factory.mktemp("native") / "checkpoint.pt", native_model, **describe())
+
+
+@pytest.fixture(scope="session")
+def built_bento(state_dir: Callable[[str], Path], native_model) -> dict:
+    """A real MRI denoiser (`native_model`) registered as champion in a sqlite registry, built into a Bento by the
+    real CLI.
 
     ``mri-platform build`` runs as a subprocess, inside the tests' network namespace where there is one, so the
-    build is also shown to work offline. Keys: ``tag``, ``bentoml_home``, ``tracking_uri``, ``state``, ``model``.
+    build is also shown to work offline. Keys: ``tag``, ``bentoml_home``, ``tracking_uri``, ``state``, ``model``,
+    ``checkpoint`` (the registered checkpoint file), ``version``, ``psnr``, ``output``.
     """
     import subprocess
     import sys
 
-    from helpers import register, train_plainly
+    from helpers import register
 
     from mri_platform import tracking
 
@@ -71,7 +92,7 @@ def built_bento(state_dir: Callable[[str], Path]) -> dict:
     from mri_platform.evaluate import score_model
     from mri_platform.noise import NoiseConfig
 
-    model = train_plainly(steps=150)
+    model = native_model
     psnr = score_model(model, load_builtin()[1], NoiseConfig())["psnr"]  # what the registry tags and /info show
     version = register(uri, model, state / "runs", "served", registered_model="mri-denoiser", psnr=psnr)
     tracking.set_champion(uri, "mri-denoiser", version)
@@ -83,7 +104,8 @@ def built_bento(state_dir: Callable[[str], Path]) -> dict:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     return {"tag": f"mri-denoiser:v{version}", "bentoml_home": state / "bentoml", "tracking_uri": uri,
-            "state": state, "model": model, "version": version, "psnr": psnr, "output": result.stdout}  # fmt: skip
+            "state": state, "model": model, "checkpoint": state / "runs" / "served" / "checkpoint.pt",
+            "version": version, "psnr": psnr, "output": result.stdout}  # fmt: skip
 
 
 @pytest.fixture(scope="session")

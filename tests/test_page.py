@@ -46,16 +46,20 @@ def test_page_shows_original_noisy_and_denoised_with_scores(browser, bento_serve
     status = _upload(browser, bento_server.url, path, add_noise=True)
     assert status.startswith("Done"), status
     info = browser.find_element("id", "model-info").text
-    assert f"models:/mri-denoiser/{built_bento['version']}" in info and "16 filters" in info
-    for element_id in ("original", "noisy", "denoised"):
+    assert f"models:/mri-denoiser/{built_bento['version']}" in info and "UNET, 8 filters" in info
+    assert "Denoises every image at its own resolution (in tiles of 256 x 256 above that)" in info
+    for element_id in ("original", "noisy", "denoised"):  # the served U-Net works at the upload's own size
         assert browser.find_element("id", element_id).is_displayed()
-        assert _natural_width(browser, element_id) == 64
+        assert _natural_width(browser, element_id) == 256
+    resolution = browser.find_element("id", "resolution")
+    assert resolution.is_displayed() and "denoised at the image's own 256 x 256" in resolution.text
     rows = browser.find_elements("css selector", "#metrics tbody tr")
     scores = {row.find_elements("tag name", "td")[0].text: float(row.find_elements("tag name", "td")[1].text)
               for row in rows}  # fmt: skip
     assert set(scores) == {"noisy", "denoised"} and scores["denoised"] > scores["noisy"] + 3
     link = browser.find_element("id", "download")
     assert link.is_displayed() and link.get_attribute("download") == "clean-slice-noisy-denoised.png"
+    assert "256 x 256 PNG" in link.text
     browser.save_screenshot(str(tmp_path / "page.png"))
     assert Image.open(tmp_path / "page.png").size[0] > 0
 
@@ -66,6 +70,7 @@ def test_page_denoises_a_volume_and_offers_it_for_download(browser, bento_server
     status = _upload(browser, bento_server.url, path, add_noise=False)
     assert status == "Done.", status
     assert not browser.find_element("id", "noisy").is_displayed()
+    assert _natural_width(browser, "denoised") == 96  # the middle slice at its own size: X = 128 rows, Y = 96 columns
     link = browser.find_element("id", "download")
     assert link.get_attribute("download") == "example4d-denoised.nii.gz"
     assert link.get_attribute("href").startswith("blob:")

@@ -1,5 +1,7 @@
-"""The BentoML service: input handling without a server, then a real `bentoml serve` of a real Bento over HTTP."""
+"""The BentoML service: input handling and the Denoiser without a server, then a real `bentoml serve` of a real
+Bento (a small residual U-Net, served at every image's own resolution) over HTTP."""
 
+import base64
 import gzip
 import http.client
 import io
@@ -18,19 +20,31 @@ import pytest
 import torch
 from PIL import Image
 
-from mri_platform.data import load_builtin
+from mri_platform.checkpoints import save_checkpoint
+from mri_platform.data import intensity_window, load_builtin
 from mri_platform.metrics import psnr_per_image
+from mri_platform.models import ModelConfig, build_model
 from mri_platform.noise import NoiseConfig, fixed_noisy
 from service import imaging
+from service.denoiser import Denoiser, tile_spans
 from service.imaging import InputError, Limits
 
 EXAMPLE_4D = resources.files("nibabel") / "tests/data/example4d.nii.gz"
+T1_SLICE = resources.files("dipy") / "data/files/t1_coronal_slice.npy"
 
 
 @pytest.fixture(scope="module")
 def held_out() -> np.ndarray:
     """Real held-out MRI slices (EPI volumes of nibabel and dipy, a T1 slice), (N, 64, 64) in [0, 1]."""
     return load_builtin()[1].images
+
+
+@pytest.fixture(scope="module")
+def t1_slice() -> np.ndarray:
+    """dipy's real T1 coronal slice at its own 256 x 256 (never trained on), in [0, 1] by training's window."""
+    image = np.load(T1_SLICE).astype(np.float32)
+    low, high = intensity_window(image)
+    return np.clip((image - low) / (high - low), 0.0, 1.0)
 
 
 def _noisy(clean: np.ndarray, seed: int = 7) -> np.ndarray:
@@ -54,19 +68,104 @@ def _png(pixels: np.ndarray, mode: str = "L", size: tuple[int, int] | None = Non
 
 
 @pytest.mark.parametrize(
-    ("array", "message"),
+    ("slices", "message"),
     [
-        (np.zeros((2, 32, 32), np.float32), "expected slices of shape (N, 64, 64)"),
+        ([np.zeros((64, 64)), np.zeros((32, 32))], "must share one size"),
+        (np.zeros(5, np.float32), "expected slices of shape (N, H, W)"),
         (np.zeros((0, 64, 64), np.float32), "no slices"),
         (np.full((1, 64, 64), np.nan, np.float32), "NaN or infinite"),
         (np.full((1, 64, 64), 255.0, np.float32), "must lie in [0, 1]"),
         (np.zeros((9, 64, 64), np.float32), "more than the limit of 8"),
+        (np.zeros((1, 128, 128), np.float32), "over the limit of 10,000 pixels"),
         (np.array([["a"]]), "expected numbers"),
     ],
 )
-def test_slice_arrays_are_checked_with_a_message(array, message):
+def test_slice_arrays_are_checked_with_a_message(slices, message):
     with pytest.raises(InputError, match=re.escape(message)):
-        imaging.check_slices(array, 64, max_slices=8)
+        imaging.check_slices(slices, max_slices=8, max_pixels=100 * 100)
+
+
+def test_slices_of_any_size_are_accepted_and_one_slice_is_a_request_of_one():
+    checked = imaging.check_slices(np.full((2, 96, 80), 0.5), max_slices=8, max_pixels=100 * 100)
+    assert len(checked) == 2 and checked[0].shape == (96, 80) and checked[0].dtype == np.float32
+    one = [[0.5] * 80] * 96  # the JSON of one (H, W) slice
+    assert imaging.as_slice_list(one) == [one]
+    assert imaging.as_slice_list([one, one]) == [one, one]  # (N, H, W) as it is
+
+
+# ----------------------------------------------------------------------------------- the Denoiser, in-process
+
+
+class _Recording(torch.nn.Module):
+    """Wraps a model and records the shape of every batch it is given."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.shapes = model, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(x.shape))
+        return self.model(x)
+
+
+def test_tiles_span_every_pixel_once_away_from_the_cut_edges():
+    spans = tile_spans(600, 256, 32)
+    assert [s[0] for s in spans] == [0, 224, 344]  # every 224 px, the last flush with the end
+    assert spans[0][1] == 0 and spans[-1][2] == 600
+    assert all(a[2] == b[1] for a, b in zip(spans, spans[1:], strict=False))  # contiguous, no gap, no overlap
+    assert all(first - start >= 16 or first == 0 for start, first, _ in spans)  # 16 px from a cut edge
+    assert all(start + 256 - last >= 16 or last == 600 for start, _, last in spans)
+
+
+def test_tiled_and_whole_inference_agree_on_a_real_slice(native_checkpoint, t1_slice):
+    noisy = _noisy(t1_slice[None])
+    whole = Denoiser(native_checkpoint, tile=256)(noisy)
+    tiled = Denoiser(native_checkpoint, tile=128, overlap=32)(noisy)  # 3 x 3 tiles of 128 on the same slice
+    assert tiled.shape == whole.shape == (1, 256, 256)
+    assert _psnr(tiled, whole) > 55, "tiles disagree with the whole image: a seam or a misplaced tile"
+    assert np.abs(tiled - whole).max() < 0.05
+    wide = Denoiser(native_checkpoint, tile=128, overlap=64)(noisy)  # 32 px margins: beyond the U-Net's reach
+    np.testing.assert_allclose(wide, whole, atol=1e-4)
+    assert _psnr(whole, t1_slice[None]) > _psnr(noisy, t1_slice[None]) + 10
+
+
+def test_memory_is_bounded_by_the_tile_whatever_the_image_size(native_checkpoint, t1_slice):
+    denoiser = Denoiser(native_checkpoint, tile=128, overlap=32, pass_pixels=2 * 128 * 128)
+    denoiser.model = _Recording(denoiser.model)
+    big = np.tile(_noisy(t1_slice[None]), (2, 3, 3))[:, :600, :520]  # 2 slices of 600 x 520
+    out = denoiser(big)
+    assert out.shape == big.shape and out.min() >= 0 and out.max() <= 1
+    assert len(denoiser.model.shapes) > 1
+    assert all(h <= 128 and w <= 128 and n * h * w <= 2 * 128 * 128 for n, _, h, w in denoiser.model.shapes)
+    assert "in tiles of 128 x 128" in denoiser.explain(600, 520)
+
+
+def test_mixed_sizes_are_denoised_each_at_its_own_size_in_order(native_checkpoint, held_out, t1_slice):
+    denoiser = Denoiser(native_checkpoint)
+    assert denoiser.describe()["resolution"] == "native" and denoiser.describe()["tile"] == 256
+    slices = [held_out[0], t1_slice[:100, :90], held_out[1], t1_slice]
+    out = denoiser.denoise_list(slices)
+    assert [o.shape for o in out] == [s.shape for s in slices]
+    for alone, image in zip(out, slices, strict=True):
+        np.testing.assert_allclose(alone, denoiser(image[None])[0], atol=1e-5)
+
+
+def test_a_report_model_is_still_resized_to_64_and_back_and_says_so(tmp_path, t1_slice):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.named("ae1", filters=16)).eval()
+    data = {"source": "builtin", "size": 64, "patch": None}
+    checkpoint = save_checkpoint(tmp_path / "checkpoint.pt", model, noise=NoiseConfig().to_dict(), epoch=1, data=data)
+    denoiser = Denoiser(checkpoint)
+    described = denoiser.describe()
+    assert described["resolution"] == "resized to 64 x 64" and described["native"] is False
+    assert described["tile"] is None and described["architecture"] == "autoencoder"
+    assert "to the model's 64 x 64, as the report's models require" in denoiser.explain(256, 256)
+    with torch.inference_mode():
+        small = torch.from_numpy(imaging.resize(t1_slice, (64, 64)))[None, None]
+        expected = imaging.resize(model(small)[0, 0].numpy(), (256, 256))
+    out = denoiser(t1_slice[None])
+    assert out.shape == (1, 256, 256)
+    np.testing.assert_allclose(out[0], expected, atol=1e-5)
 
 
 def test_a_decompression_bomb_is_refused_from_its_header():
@@ -146,7 +245,10 @@ def test_build_names_the_registry_version_and_info_describes_it(built_bento, ben
     assert status == 200
     assert info["model_uri"] == f"models:/mri-denoiser/{built_bento['version']}"
     assert info["requested_uri"] == "models:/mri-denoiser@champion"
-    assert info["filters"] == 16 and info["noise"] == {"kind": "gaussian", "variance": 0.2, "clip": True}
+    assert info["filters"] == 8 and info["noise"] == {"kind": "gaussian", "variance": 0.2, "clip": True}
+    assert info["model_kind"] == "unet" and info["architecture"] == "unet"
+    assert info["native"] is True and info["resolution"] == "native" and info["image_size"] == 64
+    assert info["serving"]["tile"] == 256 and info["serving"]["tile_overlap"] == 32
     assert info["psnr"] == pytest.approx(built_bento["psnr"], abs=1e-3)
     assert info["serving"]["batching"] is True
 
@@ -206,8 +308,69 @@ def test_concurrent_requests_form_batches_and_each_gets_its_own_answer(bento_ser
     assert slices / batches > 1.5, f"48 concurrent requests ran in {batches:.0f} batches: no batching happened"
 
 
+def _concurrently(url: str, requests: list[np.ndarray], clients: int = 16) -> dict[int, tuple[int, object]]:
+    """Send each request to /denoise from `clients` threads at once; index -> (status, answer or error body)."""
+    answers: dict[int, tuple[int, object]] = {}
+
+    def client(first: int) -> None:
+        for k in range(first, len(requests), clients):
+            status, _, body = _request(url, "/denoise", json.dumps({"slices": requests[k].tolist()}).encode())
+            answers[k] = (status, np.asarray(json.loads(body), dtype=np.float32) if status == 200 else body[:300])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    return answers
+
+
 @pytest.mark.slow
-def test_denoise_image_keeps_the_size_or_gives_64(bento_server, held_out):
+def test_concurrent_requests_of_mixed_sizes_each_get_their_own_answer(bento_server, built_bento, held_out, t1_slice):
+    noisy_t1 = _noisy(t1_slice[None])[0]
+    kinds = [
+        _noisy(held_out[:1]),  # (1, 64, 64)
+        np.stack([noisy_t1[:96, :80], noisy_t1[100:196, 120:200]]),  # (2, 96, 80)
+        imaging.resize(noisy_t1, (300, 260))[None],  # (1, 300, 260): over the 256 tile, so tiled
+        _noisy(held_out[2:5]),  # (3, 64, 64)
+        noisy_t1[None, 60:100, 30:86],  # (1, 40, 56)
+    ]
+    requests = [kinds[k % len(kinds)] for k in range(40)]  # each of the 16 clients sends sizes in turn
+    denoiser = Denoiser(built_bento["checkpoint"])
+    expected = [denoiser(kind) for kind in kinds]
+    before = _batch_sizes(bento_server.url)
+    answers = _concurrently(bento_server.url, requests)
+    after = _batch_sizes(bento_server.url)
+    failed = {k: answer for k, answer in answers.items() if answer[0] != 200}
+    assert len(answers) == len(requests) and not failed, f"{len(failed)} requests failed: {failed}"
+    for k, (_, answer) in answers.items():
+        np.testing.assert_allclose(answer, expected[k % len(kinds)], atol=1e-4, err_msg=f"request {k}")
+    jobs, batches = after[0] - before[0], after[1] - before[1]
+    assert jobs / batches > 1.5, f"{len(requests)} concurrent requests ran in {batches:.0f} batches: none were mixed"
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32) / 255
+
+
+@pytest.mark.slow
+def test_a_256_image_is_denoised_at_256_and_beats_the_64_round_trip(bento_server, built_bento, t1_slice):
+    noisy = _pixels(_png(_noisy(t1_slice[None])[0]))  # what the upload holds: 8-bit pixels
+    status, _, body = _request(bento_server.url, "/denoise_image", *_multipart(image=("t1.png", _png(noisy))))
+    native = _pixels(body)
+    assert status == 200 and native.shape == (256, 256)
+    in_process = Denoiser(built_bento["checkpoint"])(noisy[None])[0]  # denoised at 256 x 256, not resized
+    np.testing.assert_allclose(native, in_process, atol=1 / 255 + 1e-4)
+    small = _denoise(bento_server.url, imaging.resize(noisy, (64, 64)))[0]  # what the service did before
+    round_trip = imaging.resize(small, (256, 256))
+    scores = {name: _psnr(image[None], t1_slice[None]) for name, image in
+              [("noisy", noisy), ("native", native), ("round trip", round_trip)]}  # fmt: skip
+    assert scores["native"] > scores["round trip"] + 1, scores  # 2.4 dB for this model when written
+    assert scores["native"] > scores["noisy"] + 10, scores
+
+
+@pytest.mark.slow
+def test_denoise_image_keeps_the_size(bento_server, held_out):
     clean = held_out[20]
     noisy = _noisy(clean[None])[0]
     upload = _png(noisy, mode="RGB", size=(200, 180), fmt="JPEG")  # colour JPEG, not square, not 64 x 64
@@ -217,13 +380,17 @@ def test_denoise_image_keeps_the_size_or_gives_64(bento_server, held_out):
     status, _, body = _request(
         bento_server.url, "/denoise_image", *_multipart(image=("s.png", _png(noisy)), size="model")
     )
-    restored = np.asarray(Image.open(io.BytesIO(body)), dtype=np.float32) / 255
+    restored = _pixels(body)
     assert status == 200 and restored.shape == (64, 64)
     assert _psnr(restored[None], clean[None]) > _psnr(noisy[None], clean[None]) + 3
+    # A native model has no size of its own: size=model is the original size too.
+    upload = _png(noisy, size=(96, 80))
+    status, _, body = _request(bento_server.url, "/denoise_image", *_multipart(image=("s.png", upload), size="model"))
+    assert status == 200 and Image.open(io.BytesIO(body)).size == (96, 80)
 
 
 @pytest.mark.slow
-def test_denoise_volume_keeps_geometry(bento_server):
+def test_denoise_volume_keeps_geometry_and_denoises_at_the_slices_own_size(bento_server, built_bento):
     status, content_type, body = _request(
         bento_server.url, "/denoise_volume", *_multipart(volume=("example4d.nii.gz", EXAMPLE_4D.read_bytes()))
     )
@@ -232,6 +399,11 @@ def test_denoise_volume_keeps_geometry(bento_server):
     assert out.shape == source.shape and out.get_data_dtype() == np.float32
     np.testing.assert_allclose(out.affine, source.affine)
     assert np.isfinite(out.get_fdata()).all()
+    slices, (low, high) = imaging.volume_to_slices(imaging.read_volume(EXAMPLE_4D.read_bytes(), Limits()))
+    assert slices.shape == (48, 128, 96)  # 24 slices x 2 volumes, each at its own 128 x 96
+    expected = Denoiser(built_bento["checkpoint"])(slices)
+    served = (out.get_fdata(dtype=np.float32) - low) / (high - low)  # (X, Y, Z, T) back to (T*Z, X, Y)
+    np.testing.assert_allclose(served.transpose(3, 2, 0, 1).reshape(slices.shape), expected, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -242,6 +414,20 @@ def test_preview_scores_the_denoised_image_against_the_clean_one(bento_server, h
     assert status == 200
     assert all(result[k].startswith("data:image/png;base64,") for k in ("original", "noisy", "denoised"))
     assert result["metrics"]["denoised"]["psnr"] > result["metrics"]["noisy"]["psnr"] + 3
+    assert (result["width"], result["height"]) == (64, 64)
+    assert result["resolution"] == "denoised at the image's own 64 x 64"
+
+
+@pytest.mark.slow
+def test_preview_shows_a_big_image_at_its_own_size_up_to_a_cap(bento_server, t1_slice):
+    upload = _png(t1_slice, size=(600, 520))  # 600 wide, 520 high
+    status, _, body = _request(bento_server.url, "/preview", *_multipart(file=("big.png", upload)))
+    result = json.loads(body)
+    assert status == 200 and (result["width"], result["height"]) == (512, 444)
+    shown = Image.open(io.BytesIO(base64.b64decode(result["denoised"].split(",", 1)[1])))
+    assert shown.size == (512, 444)
+    assert "denoised at the image's own 512 x 444, in tiles of 256 x 256" in result["resolution"]
+    assert "600 x 520 image downscaled to 512 px" in result["resolution"]
 
 
 def _bomb() -> bytes:
@@ -251,7 +437,13 @@ def _bomb() -> bytes:
 
 
 BAD_INPUTS = {
-    "slices of the wrong shape": ("/denoise", {"slices": np.zeros((2, 32, 32)).tolist()}, 400, "shape (N, 64, 64)"),
+    "a flat list": ("/denoise", {"slices": [0.5] * 64}, 400, "expected slices of shape (N, H, W)"),
+    "slices of two sizes": (
+        "/denoise",
+        {"slices": [np.zeros((64, 64)).tolist(), np.zeros((32, 32)).tolist()]},
+        400,
+        "must share one size",
+    ),  # fmt: skip
     "strings instead of numbers": ("/denoise", {"slices": [["a"] * 64] * 64}, 400, "could not convert"),
     "NaN intensities": ("/denoise", {"slices": np.full((1, 64, 64), np.nan).tolist()}, 400, "NaN"),
     "8-bit intensities": ("/denoise", {"slices": np.full((1, 64, 64), 200.0).tolist()}, 400, "[0, 1]"),
@@ -331,6 +523,7 @@ def test_the_python_client_round_trips_and_reports_errors(bento_server, held_out
     assert client.info()["model_uri"].startswith("models:/mri-denoiser/")
     noisy = _noisy(held_out[:4])
     np.testing.assert_allclose(client.denoise(noisy), _denoise(bento_server.url, noisy), atol=1e-6)
+    assert client.denoise(noisy[0, :40, :56]).shape == (1, 40, 56)  # any size, one slice
     png = client.denoise_image(_png(noisy[0], size=(96, 80)))
     assert Image.open(io.BytesIO(png)).size == (96, 80)
     with pytest.raises(ServiceError) as caught:

@@ -14,12 +14,14 @@ import argparse
 import os
 import tempfile
 
-from mri_platform.baselines import baseline_scores
+from mri_platform.baselines import baseline_scores, describe_params
+from mri_platform.checkpoints import load_checkpoint
 from mri_platform.config import build_config
 from mri_platform.data import load_builtin
 from mri_platform.evaluate import EVAL_SEED, score_model
-from mri_platform.models import build_model, num_parameters
-from mri_platform.noise import NoiseConfig
+from mri_platform.metrics import score
+from mri_platform.models import num_parameters
+from mri_platform.noise import NoiseConfig, corrupted
 from mri_platform.train import fit
 
 NOISES = {"variance 0.2 (report)": NoiseConfig(variance=0.2), "std 0.2 (report's code)": NoiseConfig.from_std(0.2)}
@@ -40,41 +42,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         os.environ["MRI_PLATFORM_HOME"] = folder
         for label, noise in noises.items():
+            pairs = corrupted(held_out, noise, EVAL_SEED)  # what every row below is scored on
+            rows.append((label, "noisy input", score([n.clamp(0, 1) for _, n in pairs], [c for c, _ in pairs]),
+                         "", None, None))  # fmt: skip
             classical = baseline_scores(held_out, noise, EVAL_SEED, tune_on=train_set)
-            best = classical["baselines"][classical["best_baseline"]]
+            best = classical["baselines"][classical["best_baseline"]]["psnr"]
             for name, b in classical["baselines"].items():
                 if "psnr" in b:
-                    rows.append((label, name, b, _describe(b.get("params")), None, None, b["psnr"] - best["psnr"]))
+                    rows.append((label, name, b, describe_params(b.get("params")), None, b["psnr"] - best))
             for model in args.models.split(","):
                 config = build_config(args.preset, model=model, noise=noise, registered_model="",
                                       tracking_uri=f"sqlite:///{folder}/mlflow.db")  # fmt: skip
                 result = fit(config)
-                scores = score_model(result_model(result), held_out, noise, EVAL_SEED)  # the 64 x 64 protocol
-                if model == args.models.split(",")[0]:
-                    rows.insert(len(rows) - len(classical["baselines"]), (label, "noisy input", _noisy(scores),
-                                                                            "", None, None, None))  # fmt: skip
-                n_params = num_parameters(build_model(config.model_config))
+                trained = load_checkpoint(result.checkpoint_path)[0]
+                scores = score_model(trained, held_out, noise, EVAL_SEED)  # the 64 x 64 protocol
+                n_params = num_parameters(trained)
                 views = f"{config.patch}px patches, native" if config.patch else f"{config.size}px slices"
                 steps = f"{config.num_epochs} x {config.steps_per_epoch or 'pass'}"
-                rows.append((label, model, scores, f"{n_params:,} params; {views}; {steps}", result.train_time_s,
-                             None, scores["psnr"] - best["psnr"]))  # fmt: skip
+                rows.append((label, model, scores, f"{n_params:,} params; {views}; {steps} steps",
+                             result.train_time_s, scores["psnr"] - best))  # fmt: skip
                 print(f"{label}: {model} {scores['psnr']:.2f} dB in {result.train_time_s:.0f} s", flush=True)
     ray.shutdown()
     _print(rows, len(held_out), args.preset)
-
-
-def result_model(result):
-    from mri_platform.checkpoints import load_checkpoint
-
-    return load_checkpoint(result.checkpoint_path)[0]
-
-
-def _noisy(scores: dict) -> dict:
-    return {"psnr": scores["noisy_psnr"], "ssim": scores["noisy_ssim"], "mse": scores["noisy_mse"]}
-
-
-def _describe(params: dict | None) -> str:
-    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in (params or {}).items())
 
 
 def _print(rows: list, n_images: int, preset: str) -> None:
@@ -82,7 +71,7 @@ def _print(rows: list, n_images: int, preset: str) -> None:
           f"SSIM Gaussian 11x11; models trained with the {preset!r} preset on 2 CPU workers")  # fmt: skip
     print("| noise | method | PSNR dB | SSIM | MSE | vs best classical dB | train s | settings |")
     print("|---|---|---:|---:|---:|---:|---:|---|")
-    for label, name, s, settings, seconds, _, margin in rows:
+    for label, name, s, settings, seconds, margin in rows:
         margin_text = f"{margin:+.2f}" if margin is not None else ""
         seconds_text = f"{seconds:.0f}" if seconds else ""
         print(f"| {label} | {name} | {s['psnr']:.2f} | {s['ssim']:.3f} | {s['mse']:.5f} | {margin_text} | "

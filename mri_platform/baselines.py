@@ -418,6 +418,11 @@ def baseline_scores(
     return {"baselines": results, "best_baseline": best_baseline(results)}
 
 
+def describe_params(params: dict[str, Any] | None) -> str:
+    """A method's tuned parameters for a table: 'weight=0.4, invert_first=True'."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in (params or {}).items())
+
+
 def best_baseline(results: dict[str, dict[str, Any]]) -> str | None:
     """The variant with the highest mean PSNR, skipped methods aside (None when none was scored)."""
     scored = [name for name, entry in results.items() if "psnr" in entry]
@@ -429,6 +434,7 @@ __all__ = [
     "baseline_scores",
     "best_baseline",
     "bias_curve",
+    "describe_params",
     "invert_bias",
     "is_biased",
     "skipped_methods",

@@ -184,6 +184,7 @@ def evaluate(
     json_out: JsonOut = None,
 ) -> None:
     """Score a model on any data source with fixed-seed noise (default: the noise it was trained against)."""
+    from mri_platform.baselines import describe_params
     from mri_platform.data import DataError, load_any
     from mri_platform.evaluate import evaluate as run_evaluation
 
@@ -210,7 +211,7 @@ def evaluate(
     skipped = {name: s["skipped"] for name, s in report.get("baselines", {}).items() if "skipped" in s}
     for name, s in report.get("baselines", {}).items():
         if name not in skipped:
-            params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["params"].items())
+            params = describe_params(s["params"])
             rows.append((name, s["psnr"], s["ssim"], params + ("  <- best baseline" if name == best else "")))
     typer.echo(f"{'':24s} {'PSNR dB':>8s} {'SSIM':>6s}  {'parameters (tuned on training slices)' if best else ''}")
     for name, psnr, ssim, note in rows:

@@ -83,6 +83,8 @@ def _serve(registered_model: str, uri: str) -> dict:
 
 
 def _print_summary(summary: dict, out) -> None:
+    from mri_platform.baselines import describe_params
+
     promotion, sweep, classical = summary["promotion"], summary["search"], summary["baselines"]
     scores = {**promotion["scores"], **((sweep or {}).get("promotion") or {}).get("scores", {})}
     print(f"\n== results: {summary['n_images']} built-in held-out slices at 64 x 64, noise {summary['noise']} ==")
@@ -92,7 +94,7 @@ def _print_summary(summary: dict, out) -> None:
     best = classical["best_baseline"]
     for name, result in classical["baselines"].items():
         if "psnr" in result:
-            label = f"{name} ({_params(result.get('params'))})"[:28]
+            label = f"{name} ({describe_params(result.get('params'))})"[:28]
             marker = "  <- best classical" if name == best else ""
             print(f"{label:28s} {'':>7s} {result['psnr']:8.2f} {result['ssim']:6.3f}{marker}")
     for name, r in summary["models"].items():
@@ -128,7 +130,3 @@ def _print_summary(summary: dict, out) -> None:
     for name, r in summary["models"].items():
         print(f"  {name} figure:   {r['figure_path']}")
     print(f"  summary:      {out}  ({summary['elapsed_s']:.0f} s)")
-
-
-def _params(params: dict | None) -> str:
-    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in (params or {}).items())

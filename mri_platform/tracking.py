@@ -28,6 +28,7 @@ EPOCH_METRICS = (
     "val_ssim",
     "images_per_s",
     "epoch_time_s",
+    "lr",
 )
 
 

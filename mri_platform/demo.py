@@ -88,23 +88,23 @@ def _print_summary(summary: dict, out) -> None:
     promotion, sweep, classical = summary["promotion"], summary["search"], summary["baselines"]
     scores = {**promotion["scores"], **((sweep or {}).get("promotion") or {}).get("scores", {})}
     print(f"\n== results: {summary['n_images']} built-in held-out slices at 64 x 64, noise {summary['noise']} ==")
-    print(f"{'':46s} {'version':>7s} {'PSNR dB':>8s} {'SSIM':>6s} {'train s':>8s}")
+    print(f"{'':56s} {'version':>7s} {'PSNR dB':>8s} {'SSIM':>6s} {'train s':>8s}")
     first = next(iter(summary["models"].values()))
-    print(f"{'noisy input':46s} {'':>7s} {first['noisy_psnr']:8.2f} {first['noisy_ssim']:6.3f}")
+    print(f"{'noisy input':56s} {'':>7s} {first['noisy_psnr']:8.2f} {first['noisy_ssim']:6.3f}")
     best = classical["best_baseline"]
     for name, result in classical["baselines"].items():
         if "psnr" in result:
-            label = f"{name} ({describe_params(result.get('params'))})"[:46]
+            label = f"{name} ({describe_params(result.get('params'))})"
             marker = "  <- best classical" if name == best else ""
-            print(f"{label:46s} {'':>7s} {result['psnr']:8.2f} {result['ssim']:6.3f}{marker}")
+            print(f"{label:56s} {'':>7s} {result['psnr']:8.2f} {result['ssim']:6.3f}{marker}")
     for name, r in summary["models"].items():
         s = scores[str(r["registered_version"])]
-        print(f"{name:46s} {r['registered_version']!s:>7s} {s['psnr']:8.2f} {s['ssim']:6.3f} {r['train_time_s']:8.0f}")
+        print(f"{name:56s} {r['registered_version']!s:>7s} {s['psnr']:8.2f} {s['ssim']:6.3f} {r['train_time_s']:8.0f}")
     if sweep and sweep.get("registered_version"):
         version, config = sweep["registered_version"], sweep["best_config"]
         s = scores[str(version)]
         label = f"search best ({config['model']}, {config['filters']})"
-        print(f"{label:46s} {version!s:>7s} {s['psnr']:8.2f} {s['ssim']:6.3f}")
+        print(f"{label:56s} {version!s:>7s} {s['psnr']:8.2f} {s['ssim']:6.3f}")
     print(f"\npromotion after training: {promotion['reason']}")
     if sweep and sweep["promotion"]:
         print(f"promotion after the search: {sweep['promotion']['reason']}")

@@ -386,9 +386,8 @@ class MRIDenoiser:
         """The uploaded image, or the middle slice of the first 3D volume of an uploaded NIfTI, at its own size."""
         if imaging.looks_like_nifti(content):
             volume = imaging.read_volume(content, SETTINGS.limits)
-            low, high = imaging.volume_range(volume.data)
-            middle = volume.data[:, :, volume.data.shape[2] // 2, 0]
-            return np.clip((middle - low) / (high - low), 0.0, 1.0).astype(np.float32)
+            slices, _ = imaging.volume_to_slices(volume)
+            return slices[volume.data.shape[2] // 2]  # the middle slice of the first 3D volume
         return imaging.read_image(content, SETTINGS.limits)
 
     def _preview_size(self, upload: np.ndarray) -> tuple[np.ndarray, str]:

@@ -23,6 +23,8 @@ Either way a forward pass holds at most ``pass_pixels`` pixels: several slices (
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ import torch
 
 from mri_platform.checkpoints import FILENAME, applies_natively, checkpoint_noise, load_checkpoint, trained_size
 from mri_platform.noise import NoiseConfig
+from service.admission import Cancelled, ModelGate
 from service.imaging import resize
 
 PRECISIONS = ("fp32", "bf16")
@@ -82,6 +85,7 @@ class Denoiser:
         pass_pixels: int = PASS_PIXELS,
         native: bool | None = None,
         size: int | None = None,
+        gate: ModelGate | None = None,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -103,6 +107,9 @@ class Denoiser:
         self.size = size or trained_size(self.meta)
         """The side a report model is fed (resized to it and back); what a native model learned from."""
         self.tile, self.overlap, self.pass_pixels = tile, overlap, pass_pixels
+        self.gate = gate or ModelGate()
+        """Taken around every forward pass: one at a time, urgent calls before bulk ones (see service.admission)."""
+        self._call = threading.local()
 
     @property
     def noise(self) -> NoiseConfig:
@@ -148,11 +155,17 @@ class Denoiser:
         )
 
     @torch.inference_mode()
-    def __call__(self, slices: np.ndarray) -> np.ndarray:
-        """Denoise (N, H, W) float32 slices in [0, 1]; returns (N, H, W) float32 in [0, 1]."""
+    def __call__(self, slices: np.ndarray, *, bulk: bool = False, deadline: float | None = None) -> np.ndarray:
+        """Denoise (N, H, W) float32 slices in [0, 1]; returns (N, H, W) float32 in [0, 1].
+
+        ``bulk`` work (a volume, a big image) lets urgent work (the batched slice API) go first between any two of
+        its forward passes; with a ``deadline`` (time.monotonic) it raises :class:`Cancelled` once that has
+        passed, between two passes, rather than holding the cores for an answer nobody waits for any more.
+        """
         array = np.asarray(slices, dtype=np.float32)
         if array.ndim != 3 or 0 in array.shape:
             raise ValueError(f"expected (N, H, W) slices with N, H, W >= 1, got shape {array.shape}")
+        self._call.bulk, self._call.deadline = bulk, deadline
         height, width = array.shape[1:]
         if not self.native:
             return self._resized(array)
@@ -161,7 +174,7 @@ class Denoiser:
         return self._tiled(array)
 
     def denoise_list(self, slices: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Slices of any sizes, each (H, W), in order: the slices of one size are denoised together."""
+        """Slices of any sizes, each (H, W), in order: the slices of one size are denoised together (urgent)."""
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for index, image in enumerate(slices):
             by_shape.setdefault(tuple(image.shape), []).append(index)
@@ -172,7 +185,17 @@ class Denoiser:
         return out
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
-        """One forward pass of (n, h, w) slices or tiles."""
+        """One forward pass of (n, h, w) slices or tiles, through the gate."""
+        if getattr(self._call, "bulk", False):
+            deadline = self._call.deadline
+            if deadline is not None and time.monotonic() > deadline:
+                raise Cancelled
+            with self.gate.bulk(deadline):
+                return self._pass(batch)
+        with self.gate.urgent():
+            return self._pass(batch)
+
+    def _pass(self, batch: np.ndarray) -> np.ndarray:
         tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).unsqueeze(1)  # (n, 1, h, w)
         tensor = tensor.to(self.device).contiguous(memory_format=torch.channels_last)
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32

@@ -182,24 +182,46 @@ class Volume:
     gzipped: bool
 
 
+def _declared_size(head: bytes, limits: Limits) -> int:
+    """Bytes a NIfTI's header says its file holds (header, extensions and data), from its first bytes; InputError
+    (413) if its voxels are over the limit, so that a gzip stream is never decompressed past what is allowed."""
+    try:
+        if head[4:8] in _NIFTI2_MAGIC:
+            header = nib.Nifti2Header(binaryblock=head[:540])
+        else:
+            header = nib.Nifti1Header(binaryblock=head[:348])
+        shape = header.get_data_shape()
+        itemsize = header.get_data_dtype().itemsize
+        offset = int(header.get_data_offset())
+    except Exception:
+        return -1  # not a NIfTI header: read_volume says so below
+    voxels = int(np.prod(shape)) if shape else 0
+    if voxels > limits.max_volume_voxels:
+        raise InputError(
+            f"the volume has {voxels:,} voxels (shape {tuple(shape)}), more than the limit of "
+            f"{limits.max_volume_voxels:,}; send a smaller volume (the limit is in /info)",
+            status=413,
+        )
+    return offset + voxels * itemsize
+
+
 def read_volume(content: bytes, limits: Limits) -> Volume:
     """An uploaded .nii or .nii.gz (3D, or 4D: every volume) as a :class:`Volume`, or InputError."""
     if not content:
         raise InputError("the upload is empty (0 bytes); attach a .nii or .nii.gz volume")
     gzipped = content[:2] == _GZIP_MAGIC
-    raw, cap = content, limits.max_volume_voxels * 8 + 64 * 1024
+    raw = content
     if gzipped:
-        try:  # bounded: a gzip bomb stops at the voxel limit instead of filling memory
+        try:  # bounded: the header is read first, and the data only up to the size it declares within the limits
             with gzip.GzipFile(fileobj=io.BytesIO(content)) as stream:
-                raw = stream.read(cap + 1)
+                raw = stream.read(540)
+                declared = _declared_size(raw, limits)
+                cap = declared if declared >= 0 else 0
+                raw += stream.read(max(0, cap - len(raw)) + 1)
         except (OSError, EOFError) as exc:
             raise InputError(f"the .nii.gz upload is not valid gzip data ({exc})") from None
-        if len(raw) > cap:
-            raise InputError(
-                f"the volume decompresses to more than {limits.max_volume_voxels:,} voxels of 8 bytes; "
-                "send a smaller volume",
-                status=413,
-            )
+    else:
+        _declared_size(raw[:540], limits)
     if len(raw) < 348:
         raise InputError("not a NIfTI volume: the upload is shorter than a NIfTI header (348 bytes)")
     try:

@@ -47,9 +47,9 @@ Settings come from the environment, read when the service is imported (``MRI_SER
 from __future__ import annotations
 
 import base64
-import json
 import os
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -65,6 +65,15 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from service import imaging
+from service.admission import (
+    Admission,
+    AdmissionSettings,
+    Cancelled,
+    LaneLimit,
+    arm_header_timeout,
+    return_freed_memory,
+    trim_memory,
+)
 from service.build import BENTO_NAME, MODEL_ENV, MODEL_NAME
 from service.denoiser import OVERLAP, TILE, Denoiser, configure_threads
 from service.imaging import InputError, Limits
@@ -106,11 +115,19 @@ class Settings:
     tile_overlap: int = OVERLAP
     """MRI_SERVICE_TILE_OVERLAP: pixels shared by neighbouring tiles; each keeps the half away from its edge."""
     limits: Limits = field(default_factory=Limits)
-    """MRI_SERVICE_MAX_REQUEST_MB, MRI_SERVICE_MAX_IMAGE_PIXELS, MRI_SERVICE_MAX_SLICES, MRI_SERVICE_MAX_VOXELS."""
+    """MRI_SERVICE_MAX_REQUEST_MB, MRI_SERVICE_MAX_IMAGE_PIXELS, MRI_SERVICE_MAX_SLICES, MRI_SERVICE_MAX_VOXELS: upper
+    bounds; the service lowers the image and volume limits to what its work ceiling allows (see ``work_limits``)."""
+    work_memory_mb: int = 1024
+    """MRI_SERVICE_WORK_MEMORY_MB: memory one image or volume request may take beyond the loaded model."""
+    work_seconds: int = 90
+    """MRI_SERVICE_WORK_S: the longest one image or volume request may compute; the limits are set so that it takes
+    at most half of this on an idle server, and work still running past it is stopped with 503."""
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    """MRI_SERVICE_BODY_BUFFER_MB, MRI_SERVICE_BODY_IDLE_S, MRI_SERVICE_BODY_TOTAL_S, MRI_SERVICE_HEADER_S."""
 
     @classmethod
     def from_env(cls) -> Settings:
-        defaults, limits = cls(), Limits()
+        defaults, limits, admission = cls(), Limits(), AdmissionSettings()
         batching = os.environ.get("MRI_SERVICE_BATCHING", "on").strip().lower()
         if batching not in ("on", "off", "true", "false", "1", "0"):
             raise ValueError(f"MRI_SERVICE_BATCHING must be 'on' or 'off', got {batching!r}")
@@ -128,10 +145,54 @@ class Settings:
                 max_slices=_env_int("MRI_SERVICE_MAX_SLICES", limits.max_slices),
                 max_volume_voxels=_env_int("MRI_SERVICE_MAX_VOXELS", limits.max_volume_voxels),
             ),
+            work_memory_mb=_env_int("MRI_SERVICE_WORK_MEMORY_MB", defaults.work_memory_mb),
+            work_seconds=_env_int("MRI_SERVICE_WORK_S", defaults.work_seconds),
+            admission=AdmissionSettings(
+                max_request_bytes=_env_int("MRI_SERVICE_MAX_REQUEST_MB", limits.max_request_bytes >> 20) << 20,
+                body_buffer_bytes=_env_int("MRI_SERVICE_BODY_BUFFER_MB", admission.body_buffer_bytes >> 20) << 20,
+                body_idle_s=_env_int("MRI_SERVICE_BODY_IDLE_S", int(admission.body_idle_s)),
+                body_total_s=_env_int("MRI_SERVICE_BODY_TOTAL_S", int(admission.body_total_s)),
+                header_s=_env_int("MRI_SERVICE_HEADER_S", int(admission.header_s)),
+            ),
         )
 
 
 SETTINGS = Settings.from_env()
+LANES = {
+    "/denoise": LaneLimit(running=512, waiting=0),  # BentoML's batcher queues these, and 503s past the budget
+    "/denoise_volume": LaneLimit(running=1, waiting=2),
+    "/denoise_image": LaneLimit(running=2, waiting=8),
+    "/preview": LaneLimit(running=2, waiting=8),
+}
+"""Requests of each endpoint handled at once, and queued behind them; beyond, 503 with Retry-After at once."""
+VOLUME_BYTES_PER_VOXEL = 24
+"""Peak memory of /denoise_volume per voxel (the upload's data as float32, windowed slices, the output, the file
+written back): 2.4 GB were measured for a 512^3 uint8 volume, 18 bytes per voxel, before the limits existed."""
+IMAGE_BYTES_PER_PIXEL = 48
+"""Peak memory of /denoise_image per pixel (decoded, gray float32, tiles, output, PNG), with room to spare."""
+arm_header_timeout(SETTINGS.admission.header_s)
+return_freed_memory()
+
+
+def work_limits(settings: Settings, seconds_per_megapixel: float) -> tuple[Limits, dict[str, Any]]:
+    """The image and volume limits the work ceiling allows: the configured limits, lowered so that one request
+    fits in ``work_memory_mb`` and in half of ``work_seconds`` at the measured speed; and how they were derived."""
+    by_time = int(settings.work_seconds / 2 / max(seconds_per_megapixel, 1e-9) * 1e6)
+    voxels_by_memory = settings.work_memory_mb * 2**20 // VOLUME_BYTES_PER_VOXEL
+    pixels_by_memory = settings.work_memory_mb * 2**20 // IMAGE_BYTES_PER_PIXEL
+    limits = replace(
+        settings.limits,
+        max_volume_voxels=max(1, min(settings.limits.max_volume_voxels, voxels_by_memory, by_time)),
+        max_image_pixels=max(1, min(settings.limits.max_image_pixels, pixels_by_memory, by_time)),
+    )
+    return limits, {
+        "memory_mb": settings.work_memory_mb,
+        "seconds": settings.work_seconds,
+        "seconds_per_megapixel": round(seconds_per_megapixel, 4),
+        "max_volume_voxels_by_memory": voxels_by_memory,
+        "max_pixels_by_time": by_time,
+        "configured": asdict(settings.limits),
+    }
 
 
 def _valid_slices(slices: list[np.ndarray]) -> list[np.ndarray]:
@@ -180,66 +241,6 @@ pages = Starlette(
 )
 
 
-# ----------------------------------------------------------------------------------------------- request size
-
-
-class BodyLimit:
-    """Refuse request bodies over ``max_bytes`` with 413 before reading them (Content-Length) or while reading.
-
-    BentoML 1.4 has no request size limit of its own: without this a client could make the server buffer
-    gigabytes of JSON.
-    """
-
-    def __init__(self, app: Any, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._refuse(send, int(length))
-        received, started, over = 0, False, False
-
-        async def counted_receive() -> dict:
-            nonlocal received, over
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    over = True
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def watched_send(message: dict) -> None:
-            nonlocal started
-            if over and not started:
-                return  # the app is answering a request we cut short; the 413 below replaces its answer
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        await self.app(scope, counted_receive, watched_send)
-        if over and not started:
-            await self._refuse(send, received)
-
-    async def _refuse(self, send: Any, size: int) -> None:
-        body = json.dumps(
-            {
-                "error": f"request body of {size:,} bytes is over the limit of {self.max_bytes:,} bytes; "
-                "send fewer slices per request or a smaller file (limit: MRI_SERVICE_MAX_REQUEST_MB)"
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-
 # ------------------------------------------------------------------------------------------------ the service
 
 
@@ -255,7 +256,9 @@ def _data_url(png: bytes) -> str:
 @bentoml.service(
     name=BENTO_NAME,
     workers=1,
-    traffic={"timeout": 120, "max_concurrency": 256},
+    threads=8,  # sync APIs run in these threads (BentoML: 1 by default, so a volume blocked every slice batch)
+    # A backstop only: service.admission bounds each endpoint, after a request's body is in.
+    traffic={"timeout": 120, "max_concurrency": 2048},
     metrics={"enabled": True},
     logging={"access": {"enabled": False}},  # a log line per request costs more than AE1's forward pass
 )
@@ -271,6 +274,7 @@ class MRIDenoiser:
             self.model_ref.path, precision=SETTINGS.precision, tile=SETTINGS.tile, overlap=SETTINGS.tile_overlap
         )
         self.size = self.denoiser.size
+        self.limits, work = work_limits(SETTINGS, self._seconds_per_megapixel())
         stored = bentoml.models.get(self.model_ref.tag)
         described = self.denoiser.describe()
         self.info = {
@@ -288,7 +292,10 @@ class MRIDenoiser:
                 "max_batch_size": SETTINGS.max_batch_size,
                 "max_latency_ms": SETTINGS.max_latency_ms,
                 "preview_max_side": PREVIEW_MAX_SIDE,
-                "limits": asdict(SETTINGS.limits),
+                "limits": asdict(self.limits),
+                "work": work,
+                "concurrency": {path: asdict(limit) for path, limit in LANES.items()},
+                "connections": SETTINGS.admission.describe(),
             },
         }
         _instance = self
@@ -318,12 +325,15 @@ class MRIDenoiser:
         size (tiled above MRI_SERVICE_TILE); a report model resizes it to its 64 x 64 and back, or, with
         ``size=model``, returns its 64 x 64 output (a native model has no other size: ``model`` is the original)."""
         try:
-            pixels = imaging.read_image(image.read_bytes(), SETTINGS.limits)
+            pixels = imaging.read_image(image.read_bytes(), self.limits)
         except InputError as error:
             return _bad_input(error)
         if size == "model" and not self.denoiser.native:
             pixels = imaging.resize(pixels, (self.size, self.size))
-        restored = self.denoiser(pixels[None])[0]
+        try:
+            restored = self._bulk(pixels[None])[0]
+        except Cancelled:
+            return self._too_long("image")
         return Response(imaging.encode_png(restored), media_type="image/png")
 
     @bentoml.api
@@ -331,11 +341,16 @@ class MRIDenoiser:
         """Denoise a NIfTI volume slice by slice along its third axis (every volume of a 4D file), each slice at
         its own in-plane size for a native model; geometry and header kept, data float32."""
         try:
-            parsed = imaging.read_volume(volume.read_bytes(), SETTINGS.limits)
+            parsed = imaging.read_volume(volume.read_bytes(), self.limits)
             slices, window = imaging.volume_to_slices(parsed)
         except InputError as error:
             return _bad_input(error)
-        content = imaging.slices_to_volume(parsed, self.denoiser(slices), window)
+        try:
+            restored = self._bulk(slices)
+        except Cancelled:
+            return self._too_long("volume")
+        del slices
+        content = imaging.slices_to_volume(parsed, restored, window)
         name = "denoised.nii.gz" if parsed.gzipped else "denoised.nii"
         return Response(
             content,
@@ -359,7 +374,10 @@ class MRIDenoiser:
             return _bad_input(error)
         original, resolution = self._preview_size(upload)
         noisy = imaging.add_report_noise(original, self.denoiser.noise, seed) if add_noise else original
-        restored = self.denoiser(noisy[None])[0]
+        try:
+            restored = self._bulk(noisy[None])[0]
+        except Cancelled:
+            return self._too_long("image")
         height, width = original.shape
         result: dict[str, Any] = {
             "original": _data_url(imaging.encode_png(original)),
@@ -385,10 +403,36 @@ class MRIDenoiser:
     def _upload_slice(self, content: bytes) -> np.ndarray:
         """The uploaded image, or the middle slice of the first 3D volume of an uploaded NIfTI, at its own size."""
         if imaging.looks_like_nifti(content):
-            volume = imaging.read_volume(content, SETTINGS.limits)
+            volume = imaging.read_volume(content, self.limits)
             slices, _ = imaging.volume_to_slices(volume)
             return slices[volume.data.shape[2] // 2]  # the middle slice of the first 3D volume
-        return imaging.read_image(content, SETTINGS.limits)
+        return imaging.read_image(content, self.limits)
+
+    def _bulk(self, slices: np.ndarray) -> np.ndarray:
+        """Denoise an image's or a volume's slices as bulk work: the batched slice API goes first between any two
+        forward passes, and work past MRI_SERVICE_WORK_S stops (:class:`Cancelled`)."""
+        try:
+            return self.denoiser(slices, bulk=True, deadline=time.monotonic() + SETTINGS.work_seconds)
+        finally:
+            trim_memory()
+
+    def _too_long(self, what: str) -> Response:
+        return JSONResponse(
+            {
+                "error": f"the {what} took longer than the service's work limit of {SETTINGS.work_seconds} s (the "
+                "server is busy); retry later or send a smaller one"
+            },
+            status_code=503,
+            headers={"Retry-After": "10"},
+        )
+
+    def _seconds_per_megapixel(self) -> float:
+        """Bulk speed of this model here, from 8 slices of 256 x 256 (after one warm-up pass)."""
+        probe = np.full((8, 256, 256), 0.5, dtype=np.float32)
+        self.denoiser(probe[:1], bulk=True)
+        started = time.perf_counter()
+        self.denoiser(probe, bulk=True)
+        return (time.perf_counter() - started) / (probe.size / 1e6)
 
     def _preview_size(self, upload: np.ndarray) -> tuple[np.ndarray, str]:
         """The upload as the page shows and denoises it, and a line that says how."""
@@ -406,4 +450,4 @@ class MRIDenoiser:
         )
 
 
-MRIDenoiser.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.limits.max_request_bytes)
+MRIDenoiser.add_asgi_middleware(Admission, settings=SETTINGS.admission, lanes=LANES)

@@ -1,0 +1,359 @@
+"""Admission control for the service: what keeps one client, or one kind of request, from taking the rest down.
+
+Three parts, all testable without a server:
+
+- :class:`Admission`, an ASGI middleware in front of every API. It refuses a body over the size limit (413), reads
+  the whole body under an idle and a total timeout (408), so that a slow or stalled client never holds a place in
+  an API's queue, bounds the bytes held for bodies being read at once (503), and then admits the request to its
+  endpoint's :class:`Lane` (at most ``running`` at a time and ``waiting`` queued, 503 with ``Retry-After`` beyond).
+- :class:`ModelGate`: one forward pass at a time in the process, and the batched slice API (``urgent``) goes
+  before bulk work (volumes and big images, cut into bounded passes). A volume therefore delays a slice batch by
+  at most one pass, instead of sharing the cores with it for as long as the volume takes.
+- :func:`arm_header_timeout`: uvicorn (h11) waits forever for a request's headers; this closes connections that
+  do not complete them within a deadline.
+
+Measured with ``benchmarks/serve_hostile.py`` (see the README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+logger = logging.getLogger("mri_service")
+
+
+class Cancelled(Exception):
+    """Bulk work stopped between two forward passes because its deadline passed."""
+
+
+# ------------------------------------------------------------------------------------------------- the model
+
+
+class ModelGate:
+    """One forward pass at a time; urgent passes that wait go before bulk passes that wait.
+
+    Python threads (BentoML's batch runner and the thread pool of the non-batched APIs) each take the gate around
+    one forward pass. A pass is bounded (``Denoiser.pass_pixels``), so an urgent pass waits for at most one bulk
+    pass. Without the gate, a volume's passes and the slice batches ran at the same time on the same cores, each
+    with every core's worth of torch threads: the slices' latency grew with the volume's length.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._busy = False
+        self._urgent_waiting = 0
+
+    @contextmanager
+    def urgent(self) -> Iterator[None]:
+        with self._condition:
+            self._urgent_waiting += 1
+            try:
+                self._condition.wait_for(lambda: not self._busy)
+            finally:
+                self._urgent_waiting -= 1
+            self._busy = True
+        try:
+            yield
+        finally:
+            self._release()
+
+    @contextmanager
+    def bulk(self, deadline: float | None = None) -> Iterator[None]:
+        """Raises :class:`Cancelled` if ``deadline`` (time.monotonic) passes before the gate is free."""
+        with self._condition:
+            while self._busy or self._urgent_waiting:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise Cancelled
+                self._condition.wait(timeout=left)
+            self._busy = True
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._condition:
+            self._busy = False
+            self._condition.notify_all()
+
+
+# ------------------------------------------------------------------------------------------------ the lanes
+
+
+@dataclass(frozen=True)
+class LaneLimit:
+    running: int
+    """Requests of the endpoint handled at once."""
+    waiting: int
+    """Requests queued behind them; beyond, 503 at once."""
+
+
+class Lane:
+    """An endpoint's place in the service: ``running`` requests at once, ``waiting`` more queued, others refused."""
+
+    def __init__(self, limit: LaneLimit):
+        self.limit = limit
+        self.running = 0
+        self.waiting = 0
+        self._free: asyncio.Condition | None = None
+
+    @property
+    def _condition(self) -> asyncio.Condition:
+        if self._free is None:  # made on the server's event loop, at the first request
+            self._free = asyncio.Condition()
+        return self._free
+
+    async def enter(self) -> bool:
+        """True once admitted (call :meth:`leave` after), False if the lane and its queue are full."""
+        if self.running < self.limit.running:
+            self.running += 1
+            return True
+        if self.waiting >= self.limit.waiting:
+            return False
+        self.waiting += 1
+        try:
+            async with self._condition:
+                await self._condition.wait_for(lambda: self.running < self.limit.running)
+                self.running += 1
+        finally:
+            self.waiting -= 1
+        return True
+
+    async def leave(self) -> None:
+        self.running -= 1
+        async with self._condition:
+            self._condition.notify(1)
+
+
+@dataclass(frozen=True)
+class AdmissionSettings:
+    max_request_bytes: int = 64 * 1024 * 1024
+    """Largest request body; bigger ones get 413 (MRI_SERVICE_MAX_REQUEST_MB)."""
+    body_buffer_bytes: int = 256 * 1024 * 1024
+    """Most bytes of request bodies held at once while they are read (MRI_SERVICE_BODY_BUFFER_MB)."""
+    body_idle_s: float = 10.0
+    """A body that sends nothing for this long gets 408 (MRI_SERVICE_BODY_IDLE_S)."""
+    body_total_s: float = 60.0
+    """A body not received in full within this gets 408 (MRI_SERVICE_BODY_TOTAL_S)."""
+    header_s: float = 10.0
+    """A connection that does not complete a request's headers within this is closed (MRI_SERVICE_HEADER_S)."""
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _json_response(status: int, message: str, retry_after: int | None = None) -> tuple[dict, dict]:
+    body = json.dumps({"error": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    return {"type": "http.response.start", "status": status, "headers": headers}, {
+        "type": "http.response.body",
+        "body": body,
+    }
+
+
+class Admission:
+    """ASGI middleware: body limits and timeouts, then the endpoint's lane (see the module's docstring).
+
+    ``lanes`` maps a path to its :class:`LaneLimit`; other paths (the page, /info, health, metrics, the spec)
+    pass through untouched.
+    """
+
+    def __init__(self, app: Any, settings: AdmissionSettings, lanes: dict[str, LaneLimit]):
+        self.app, self.settings = app, settings
+        self.lanes = {path: Lane(limit) for path, limit in lanes.items()}
+        self.buffered = 0
+        self.refused: dict[int, int] = {}
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        limit = self.settings.max_request_bytes
+        length_header = dict(scope.get("headers") or []).get(b"content-length")
+        declared = int(length_header) if length_header is not None and length_header.isdigit() else None
+        if declared is not None and declared > limit:
+            return await self._refuse(scope, send, 413, self._too_big(declared))
+        reserved = declared or 0
+        if self.buffered + reserved > self.settings.body_buffer_bytes:
+            return await self._refuse(
+                scope, send, 503, "the service is receiving too many request bodies at once; retry shortly", 2
+            )
+        self.buffered += reserved
+        try:
+            body, problem = await self._read_body(receive, declared)
+        finally:
+            self.buffered -= reserved
+        if problem is not None:
+            status, message = problem
+            if status == 0:
+                return None  # the client went away: nobody to answer
+            return await self._refuse(scope, send, status, message)
+
+        lane = self.lanes.get(path)
+        if lane is not None and not await lane.enter():
+            return await self._refuse(
+                scope,
+                send,
+                503,
+                f"{path} is busy: {lane.limit.running} request(s) in progress and {lane.limit.waiting} queued, the "
+                "most it takes at once; retry in a few seconds",
+                5,
+            )
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for the disconnect, as the app expects
+
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            if lane is not None:
+                await lane.leave()
+
+    async def _read_body(self, receive: Callable, declared: int | None) -> tuple[bytes, tuple[int, str] | None]:
+        """The whole body, or (b"", (status, message)): 413 over the limit, 408 too slow, 0 disconnected."""
+        settings, chunks, size = self.settings, [], 0
+        deadline = time.monotonic() + settings.body_total_s
+        reserved = declared or 0
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                message = await asyncio.wait_for(receive(), timeout=min(settings.body_idle_s, left))
+                if message["type"] == "http.disconnect":
+                    return b"", (0, "")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > settings.max_request_bytes:
+                    return b"", (413, self._too_big(size))
+                if size > reserved:  # a chunked body (or one longer than declared) counts as it arrives
+                    grow = size - reserved
+                    if self.buffered + grow > settings.body_buffer_bytes:
+                        return b"", (503, "the service is receiving too many request bodies at once; retry shortly")
+                    self.buffered += grow
+                    reserved = size
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks), None
+        except TimeoutError:
+            return b"", (
+                408,
+                f"the request body was not received in time ({size:,} bytes after waiting; the service waits "
+                f"{settings.body_idle_s:g} s between chunks and {settings.body_total_s:g} s in all)",
+            )
+        finally:
+            self.buffered -= reserved - (declared or 0)
+
+    def _too_big(self, size: int) -> str:
+        return (
+            f"request body of {size:,} bytes is over the limit of {self.settings.max_request_bytes:,} bytes; "
+            "send fewer slices per request or a smaller file (limit: MRI_SERVICE_MAX_REQUEST_MB)"
+        )
+
+    async def _refuse(self, scope: dict, send: Callable, status: int, message: str, retry: int | None = None) -> None:
+        self.refused[status] = self.refused.get(status, 0) + 1
+        client = scope.get("client") or ("?", 0)
+        logger.warning(
+            "refused %s %s from %s with %d: %s", scope.get("method"), scope.get("path"), client[0], status, message
+        )
+        start, body = _json_response(status, message, retry)
+        await send(start)
+        await send(body)
+
+
+# ------------------------------------------------------------------------------------------------- memory
+
+
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None  # glibc only
+
+
+M_MMAP_THRESHOLD = -3
+
+
+def return_freed_memory(mmap_threshold: int = 4 * 2**20) -> bool:
+    """Have glibc give big freed blocks back to the system: allocations from ``mmap_threshold`` up are mapped
+    apart (and unmapped when freed) for good, instead of glibc raising that threshold after the first big free and
+    keeping later big arrays in its heap. Without it, three 251^3 volumes left the server 1.3 GB bigger for good.
+    False where the C library is not glibc."""
+    libc = _libc()
+    return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold))
+
+
+def trim_memory() -> None:
+    """Return the free pages at the top of glibc's heaps to the system (after a big request)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+# --------------------------------------------------------------------------------------------- connections
+
+
+def arm_header_timeout(seconds: float) -> None:
+    """Close uvicorn connections that do not complete a request's headers within ``seconds`` of connecting or of
+    their previous response.
+
+    uvicorn's h11 protocol (the one installed: no httptools) arms its keep-alive timer only after a response and
+    disarms it on any byte received, so a client that sends part of its headers and stops holds its connection
+    forever. This wraps two of its methods (uvicorn 0.54); connections mid-request are left to the body timeout.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    if getattr(H11Protocol, "_mri_header_timeout", None) is not None:
+        H11Protocol._mri_header_timeout = seconds
+        return
+    H11Protocol._mri_header_timeout = seconds
+    made, complete = H11Protocol.connection_made, H11Protocol.on_response_complete
+
+    def arm(protocol: Any) -> None:
+        protocol._mri_cycles = getattr(protocol, "_mri_cycles", 0) + 1
+        cycle = protocol._mri_cycles
+
+        def expire() -> None:
+            if protocol._mri_cycles != cycle or protocol.transport.is_closing():
+                return
+            if protocol.cycle is None or protocol.cycle.response_complete:
+                logger.warning(
+                    "closed a connection from %s: no complete request headers within %g s",
+                    (protocol.client or ("?",))[0],
+                    H11Protocol._mri_header_timeout,
+                )
+                protocol.transport.close()
+
+        protocol.loop.call_later(H11Protocol._mri_header_timeout, expire)
+
+    def connection_made(self: Any, transport: Any) -> None:
+        made(self, transport)
+        arm(self)
+
+    def on_response_complete(self: Any) -> None:
+        complete(self)
+        arm(self)
+
+    H11Protocol.connection_made = connection_made
+    H11Protocol.on_response_complete = on_response_complete

@@ -89,8 +89,8 @@ def test_slices_of_any_size_are_accepted_and_one_slice_is_a_request_of_one():
     checked = imaging.check_slices(np.full((2, 96, 80), 0.5), max_slices=8, max_pixels=100 * 100)
     assert len(checked) == 2 and checked[0].shape == (96, 80) and checked[0].dtype == np.float32
     one = [[0.5] * 80] * 96  # the JSON of one (H, W) slice
-    assert imaging.as_slice_list(one) == [one]
-    assert imaging.as_slice_list([one, one]) == [one, one]  # (N, H, W) as it is
+    assert [image.shape for image in imaging.as_slice_list(one)] == [(96, 80)]
+    assert [image.shape for image in imaging.as_slice_list([one, one])] == [(96, 80), (96, 80)]  # (N, H, W)
 
 
 # ----------------------------------------------------------------------------------- the Denoiser, in-process

@@ -101,8 +101,8 @@ class Client:
 
 
 def error_message(body: bytes, fallback: str = "") -> str:
-    """The message in an error answer: ``{"error": ...}``, pydantic's ``{"error": ..., "detail": [{"msg": ...}]}``
-    or a list of ``{"error": ...}``; the raw text when it is none of those."""
+    """The message in an error answer: ``{"error": message, "detail": [...]}`` (the service's one shape, whose
+    message already says what ``detail`` lists), a list of those, or the raw text when it is not JSON."""
     try:
         payload = json.loads(body)
     except ValueError:
@@ -115,7 +115,7 @@ def error_message(body: bytes, fallback: str = "") -> str:
             continue
         details = [d.get("msg", str(d)) if isinstance(d, dict) else str(d) for d in item.get("detail") or []]
         text = str(item.get("error") or item.get("message") or "")
-        messages.append(f"{text}: {'; '.join(details)}" if text and details else text or "; ".join(details))
+        messages.append(text or "; ".join(details))
     return "; ".join(m for m in messages if m) or str(fallback)
 
 

@@ -54,13 +54,108 @@ class Limits:
 
 
 def as_slice_list(value: object) -> object:
-    """JSON ``slices`` as a list of slices: a single (H, W) slice (a list of rows of numbers) becomes a list of one.
+    """JSON ``slices`` as a list of (H, W) float32 arrays: an (N, H, W) nested list is N slices, one (H, W) slice (a
+    list of rows of numbers) is a request of one.
 
-    Runs on the parsed JSON before the slices are turned into arrays, so that ``{"slices": [[...], ...]}`` of
-    depth 2 is one slice and of depth 3 a list of N; anything else is left for :func:`check_slices` to refuse.
+    Runs on the parsed JSON, before BentoML turns the slices into arrays, so that anything that is not a rectangular
+    array of numbers (an object, a string, null, ragged rows, a 4-D array) is refused here with a message; BentoML's
+    own conversion raises TypeError on some of these, which the server answers with 500. The limits and the
+    intensity range are checked after it, by :func:`check_slices`.
     """
-    rows = isinstance(value, list) and value and isinstance(value[0], list) and value[0]
-    return [value] if rows and not isinstance(value[0][0], list) else value
+    if isinstance(value, np.ndarray):  # an in-process call (BentoML's Python client) may pass an array
+        array = value
+    elif not isinstance(value, list | tuple):
+        raise InputError(
+            f"expected an (N, H, W) array of numbers (nested lists) or one (H, W) slice, got {_json_kind(value)}"
+        )
+    elif len(value) == 0:
+        return []  # check_slices says that there are no slices
+    else:
+        try:
+            array = np.asarray(value)  # no dtype: a number stays a number, anything else shows in the dtype
+        except (ValueError, TypeError, OverflowError):  # numpy says "inhomogeneous shape" for ragged lists
+            raise _ragged(value) from None
+    if array.dtype == object:  # integers beyond 64 bits, or values that are not numbers
+        odd = next((v for v in array.flat if isinstance(v, bool) or not isinstance(v, int | float)), _NUMBERS)
+        if odd is not _NUMBERS:
+            raise InputError(
+                f"could not convert the slices to numbers: they hold {_json_kind(odd)}; send intensities in [0, 1] as "
+                "JSON numbers"
+            )
+        array = array.astype(np.float64)  # huge integers: refused below for their value
+    if array.dtype.kind not in "fiu":
+        raise InputError(
+            f"could not convert the slices to numbers: they hold {_dtype_kind(array.dtype)}; send intensities in "
+            "[0, 1] as JSON numbers"
+        )
+    if array.ndim not in (2, 3):
+        raise InputError(
+            f"expected slices of shape (N, H, W) or one (H, W) slice, got an array of shape {array.shape}; a slice "
+            "is a list of rows of intensities"
+        )
+    largest = float(np.max(np.abs(array), initial=0.0, where=np.isfinite(array)))
+    if largest > _FLOAT32_MAX:  # float32 would make it infinite: refuse it for what it is
+        raise InputError(f"intensities must lie in [0, 1], got a value of magnitude {largest:.4g}")
+    array = array.astype(np.float32, copy=False)
+    return list(array[None] if array.ndim == 2 else array)
+
+
+def _ragged(value: list | tuple) -> InputError:
+    """The error for nested lists that make no array: slices of several sizes, or rows of several lengths."""
+    try:
+        shapes = {np.asarray(image, dtype=np.float64).shape for image in value}
+    except (ValueError, TypeError, OverflowError):
+        shapes = set()
+    if len(shapes) > 1 and all(len(shape) == 2 for shape in shapes):
+        return InputError(
+            f"the slices of one request must share one size, got shapes {sorted(shapes)}; send slices of "
+            "different sizes in separate requests"
+        )
+    return InputError(
+        "not a rectangular array: every slice must have the same number of rows and every row the same number of "
+        "values (an (N, H, W) or (H, W) array)"
+    )
+
+
+_NUMBERS = object()  # "every value is a number", for next()'s default
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _json_kind(value: object) -> str:
+    """What a parsed JSON value is, in JSON's words, for a message."""
+    kinds = {dict: "an object", str: "a string", bool: "a boolean", type(None): "null", list: "an array"}
+    return next((name for kind, name in kinds.items() if isinstance(value, kind)), type(value).__name__)
+
+
+def _dtype_kind(dtype: np.dtype) -> str:
+    return {"b": "booleans", "U": "strings", "S": "strings"}.get(dtype.kind, f"values of dtype {dtype}")
+
+
+def slices_schema(max_slices: int) -> dict:
+    """The JSON Schema of ``slices`` for the OpenAPI spec: an (N, H, W) nested array of intensities, or one (H, W)
+    slice. JSON Schema cannot say that the rows are of one length and the slices of one size; the description does.
+    ``oneOf``, not ``anyOf``: BentoML 1.4 keeps only the first choice of an anyOf (``_bentoml_sdk/method.py``), and
+    the two cannot both match (the items of one slice are numbers, of N slices arrays)."""
+    one = {
+        "type": "array",
+        "minItems": 1,
+        "items": {"type": "array", "minItems": 1, "items": {"type": "number", "minimum": 0, "maximum": 1}},
+    }
+    return {
+        "title": "Slices",
+        "description": "N slices of one size H x W as an (N, H, W) nested array of intensities in [0, 1] (float32), "
+        f"or one (H, W) slice; every row of the same length, N <= {max_slices}, H x W within the pixel limit.",
+        "oneOf": [
+            {**one, "title": "One slice (H, W)"},
+            {"type": "array", "title": "Slices (N, H, W)", "minItems": 1, "maxItems": max_slices, "items": one},
+        ],
+    }
+
+
+def slices_output_schema() -> dict:
+    """The JSON Schema of /denoise's answer: (N, H, W), the denoised slices in the order sent."""
+    row = {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 1}}
+    return {"type": "array", "title": "Denoised slices (N, H, W)", "items": {"type": "array", "items": row}}
 
 
 def check_slices(slices: Sequence[np.ndarray] | np.ndarray, max_slices: int, max_pixels: int) -> list[np.ndarray]:
@@ -158,6 +253,18 @@ def encode_png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def check_scorable(image: np.ndarray) -> None:
+    """SSIM's 11 x 11 window (``mri_platform.metrics.WINDOW``) needs an image at least that big on both sides."""
+    from mri_platform.metrics import WINDOW
+
+    height, width = image.shape
+    if min(height, width) < WINDOW:
+        raise InputError(
+            f"the image is {width} x {height}; scoring it (add_noise) takes at least {WINDOW} x {WINDOW} pixels, "
+            "the SSIM window: send a bigger image, or leave add_noise off"
+        )
 
 
 def add_report_noise(clean: np.ndarray, noise: NoiseConfig, seed: int = 0) -> np.ndarray:

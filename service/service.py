@@ -58,13 +58,13 @@ import numpy as np
 import pydantic_core
 from _bentoml_sdk.io_models import ensure_io_descriptor  # BentoML 1.4 exports no public name for it
 from bentoml.validators import ContentType, DType
-from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from service import imaging
+from service import errors, imaging
 from service.admission import (
     Admission,
     AdmissionSettings,
@@ -77,6 +77,7 @@ from service.admission import (
 from service.build import BENTO_NAME, MODEL_ENV, MODEL_NAME
 from service.denoiser import OVERLAP, TILE, Denoiser, configure_threads
 from service.imaging import InputError, Limits
+from service.openapi import OpenAPIErrors
 
 UI_FILE = Path(__file__).parent / "ui" / "index.html"
 PREVIEW_MAX_SIDE = 512
@@ -204,10 +205,11 @@ Slices = Annotated[
     list[Annotated[np.ndarray, DType("float32")]],  # a list, so that BentoML merges requests of any sizes
     BeforeValidator(imaging.as_slice_list),
     AfterValidator(_valid_slices),
+    WithJsonSchema(imaging.slices_schema(SETTINGS.limits.max_slices)),  # not BentoML's 2-D list: (N, H, W) or (H, W)
 ]
 
 
-class SlicesJSON(ensure_io_descriptor(list[np.ndarray])):
+class SlicesJSON(ensure_io_descriptor(Annotated[list[np.ndarray], WithJsonSchema(imaging.slices_output_schema())])):
     """/denoise's answer, written by pydantic-core (Rust): BentoML 1.4 writes root outputs with the standard
     library's `json.dumps`, which took 1.2-2 ms per 64 x 64 slice, more than AE1's forward pass
     (``benchmarks/serve_throughput.py``). pydantic-core writes the same JSON 5-8x faster."""
@@ -359,7 +361,9 @@ class MRIDenoiser:
         )
 
     @bentoml.api
-    def preview(self, file: Path, add_noise: bool = False, seed: int = 0) -> dict[str, Any]:
+    def preview(
+        self, file: Path, add_noise: bool = False, seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    ) -> dict[str, Any]:
         """For the page: original / noisy / denoised as PNG data URLs, and PSNR / SSIM against a clean reference.
 
         A native model shows an image at its own size up to PREVIEW_MAX_SIDE (downscaled beyond); a report model
@@ -370,9 +374,11 @@ class MRIDenoiser:
         content = file.read_bytes()
         try:
             upload = self._upload_slice(content)
+            original, resolution = self._preview_size(upload)
+            if add_noise:
+                imaging.check_scorable(original)
         except InputError as error:
             return _bad_input(error)
-        original, resolution = self._preview_size(upload)
         noisy = imaging.add_report_noise(original, self.denoiser.noise, seed) if add_noise else original
         try:
             restored = self._bulk(noisy[None])[0]
@@ -450,4 +456,7 @@ class MRIDenoiser:
         )
 
 
+errors.install()  # refusals answered without a traceback, bugs with one (service/errors.py)
+MRIDenoiser.add_asgi_middleware(errors.Refusals)  # first, so outermost: it logs admission's 408/413/503 too
 MRIDenoiser.add_asgi_middleware(Admission, settings=SETTINGS.admission, lanes=LANES)
+MRIDenoiser.add_asgi_middleware(OpenAPIErrors, batched=[n for n, api in MRIDenoiser.apis.items() if api.batchable])

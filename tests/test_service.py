@@ -89,8 +89,8 @@ def test_slices_of_any_size_are_accepted_and_one_slice_is_a_request_of_one():
     checked = imaging.check_slices(np.full((2, 96, 80), 0.5), max_slices=8, max_pixels=100 * 100)
     assert len(checked) == 2 and checked[0].shape == (96, 80) and checked[0].dtype == np.float32
     one = [[0.5] * 80] * 96  # the JSON of one (H, W) slice
-    assert imaging.as_slice_list(one) == [one]
-    assert imaging.as_slice_list([one, one]) == [one, one]  # (N, H, W) as it is
+    assert [image.shape for image in imaging.as_slice_list(one)] == [(96, 80)]
+    assert [image.shape for image in imaging.as_slice_list([one, one])] == [(96, 80), (96, 80)]  # (N, H, W)
 
 
 # ----------------------------------------------------------------------------------- the Denoiser, in-process
@@ -176,12 +176,24 @@ def test_a_decompression_bomb_is_refused_from_its_header():
     assert caught.value.status == 413
 
 
-def test_a_gzip_bomb_volume_stops_at_the_voxel_limit():
+def test_a_gzip_volume_is_inflated_only_as_far_as_its_header_allows():
+    import tracemalloc
+
     header = nib.Nifti1Image(np.zeros((64, 64, 64), np.float32), np.eye(4)).to_bytes()
-    bomb = gzip.compress(header + b"\0" * (50 << 20))  # 50 MB of zeros in ~50 kB
-    with pytest.raises(InputError, match="decompresses to more than") as caught:
-        imaging.read_volume(bomb, Limits(max_volume_voxels=64**3))
-    assert caught.value.status == 413
+    bomb = gzip.compress(header + b"\0" * (50 << 20))  # 50 MB of zeros behind a 1 MB volume, in ~50 kB
+    tracemalloc.start()
+    try:
+        volume = imaging.read_volume(bomb, Limits(max_volume_voxels=64**3))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert volume.data.shape == (64, 64, 64, 1)
+    assert peak < 10 << 20, f"{peak / 2**20:.0f} MB held: the trailing 50 MB were inflated"
+
+    big = gzip.compress(nib.Nifti1Image(np.zeros((65, 64, 64), np.uint8), np.eye(4)).to_bytes())
+    with pytest.raises(InputError, match="more than the limit") as caught:
+        imaging.read_volume(big, Limits(max_volume_voxels=64**3))
+    assert caught.value.status == 413 and "65, 64, 64" in str(caught.value)
 
 
 def test_a_volume_keeps_its_geometry_through_slicing(tmp_path):

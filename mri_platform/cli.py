@@ -404,3 +404,31 @@ def tune(
         raise _fail(str(exc), code=1) from exc
     print_table(summary)
     _write_json(json_out, summary)
+
+
+@app.command("export-slices")
+def export_slices(
+    out: Annotated[Path, typer.Argument(help="The .npy file to write.")],
+    size: Annotated[str, typer.Option(help="64 (whole slices, the report's size), any N, or 'native'.")] = "64",
+    split: Annotated[str, typer.Option(help="train (the MNI152 slices models learn from) or held-out.")] = "train",
+) -> None:
+    """Write the built-in MRI slices to a .npy file, for machines without the data packages (benchmarks/gpu_train.py).
+
+    (N, S, S) float32 at a fixed size; at native size an object array of (H, W) slices (load with allow_pickle).
+    """
+    import numpy as np
+
+    from mri_platform.data import DataError, load_builtin
+
+    if split not in ("train", "held-out"):
+        raise _fail(f"--split must be 'train' or 'held-out', got {split!r}")
+    try:
+        train_set, held_out = load_builtin(size)
+    except (ValueError, DataError) as exc:
+        raise _fail(str(exc)) from exc
+    images = (train_set if split == "train" else held_out).images
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, images, allow_pickle=images.dtype == object)
+    shapes = sorted({tuple(image.shape) for image in images})
+    sizes = f"{shapes[0][0]} x {shapes[0][1]}" if len(shapes) == 1 else f"{len(shapes)} sizes"
+    typer.echo(f"wrote {len(images)} {split} slices ({sizes}) to {out}")

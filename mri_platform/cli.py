@@ -36,6 +36,13 @@ TrackingUri = Annotated[
 Data = Annotated[str | None, typer.Option(help="'builtin', a folder of JPEG/PNG images, or NIfTI file(s)/folder.")]
 Planes = Annotated[str, typer.Option(help="NIfTI planes to slice, comma-separated: axial,coronal,sagittal.")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the result as JSON to this file.")]
+WaitForResources = Annotated[
+    float | None,
+    typer.Option(
+        help="Seconds to wait for the workers' CPUs/GPUs to join the Ray cluster (an autoscaler adding nodes) "
+        "before failing (default 0: fail at once)."
+    ),
+]
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -99,6 +106,10 @@ def train(
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Ray Train workers (data-parallel ranks).")] = None,
     gpu: Annotated[bool | None, typer.Option("--gpu/--cpu", help="One GPU per worker, NCCL, mixed precision.")] = None,
+    gpus_per_worker: Annotated[
+        float | None, typer.Option(help="GPUs per worker with --gpu (a fraction only with one worker).")
+    ] = None,
+    wait_for_resources: WaitForResources = None,
     batch_size: Annotated[int | None, typer.Option(help="Global batch size, split across workers.")] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16 (GPU).")] = None,
@@ -127,7 +138,8 @@ def train(
             preset,
             model=model, filters=filters, depth=depth, epochs=epochs, steps_per_epoch=steps_per_epoch, size=size,
             patch=patch, schedule=schedule, intensity_augment=intensity_augment, workers=workers, gpu=gpu,
-            batch_size=batch_size, lr=lr, precision=precision, data=data, planes=tuple(planes.split(",")),
+            gpus_per_worker=gpus_per_worker, wait_for_resources=wait_for_resources, batch_size=batch_size, lr=lr,
+            precision=precision, data=data, planes=tuple(planes.split(",")),
             noise=_noise(noise_variance, noise_std, noise_kind, no_clip, default=base.noise),
             tracking_uri=tracking_uri, storage=storage, run_name=run_name, resume=resume or None,
             registered_model=registered_model, seed=seed,
@@ -362,6 +374,7 @@ def tune(
     name: Annotated[str | None, typer.Option(help="Sweep name (default: unique); --resume continues it.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the sweep --name where it stopped.")] = False,
     registered_model: Annotated[str, typer.Option(help="Registry name.")] = "mri-denoiser",
+    wait_for_resources: WaitForResources = None,
     json_out: JsonOut = None,
 ) -> None:
     """Search model, width, epochs and learning rate with Ray Tune (each trial a Ray Train run); promote the best."""
@@ -376,7 +389,8 @@ def tune(
             scheduler=scheduler, grace_period=grace_period, reduction_factor=reduction_factor, search=search, seed=seed,
         )  # fmt: skip
         noise = _noise(noise_variance, noise_std, None, False)
-        overrides = {"data": data, "noise": noise, "tracking_uri": tracking_uri, "storage": storage}
+        overrides = {"data": data, "noise": noise, "tracking_uri": tracking_uri, "storage": storage,
+                     "wait_for_resources": wait_for_resources}  # fmt: skip
         summary = run_search(
             config,
             {k: v for k, v in overrides.items() if v is not None},
@@ -390,3 +404,31 @@ def tune(
         raise _fail(str(exc), code=1) from exc
     print_table(summary)
     _write_json(json_out, summary)
+
+
+@app.command("export-slices")
+def export_slices(
+    out: Annotated[Path, typer.Argument(help="The .npy file to write.")],
+    size: Annotated[str, typer.Option(help="64 (whole slices, the report's size), any N, or 'native'.")] = "64",
+    split: Annotated[str, typer.Option(help="train (the MNI152 slices models learn from) or held-out.")] = "train",
+) -> None:
+    """Write the built-in MRI slices to a .npy file, for machines without the data packages (benchmarks/gpu_train.py).
+
+    (N, S, S) float32 at a fixed size; at native size an object array of (H, W) slices (load with allow_pickle).
+    """
+    import numpy as np
+
+    from mri_platform.data import DataError, load_builtin
+
+    if split not in ("train", "held-out"):
+        raise _fail(f"--split must be 'train' or 'held-out', got {split!r}")
+    try:
+        train_set, held_out = load_builtin(size)
+    except (ValueError, DataError) as exc:
+        raise _fail(str(exc)) from exc
+    images = (train_set if split == "train" else held_out).images
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, images, allow_pickle=images.dtype == object)
+    shapes = sorted({tuple(image.shape) for image in images})
+    sizes = f"{shapes[0][0]} x {shapes[0][1]}" if len(shapes) == 1 else f"{len(shapes)} sizes"
+    typer.echo(f"wrote {len(images)} {split} slices ({sizes}) to {out}")

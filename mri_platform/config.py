@@ -57,7 +57,15 @@ class TrainConfig:
     gpu: bool = False
     """Train on GPUs (NCCL, mixed precision)."""
     gpus_per_worker: float = 1.0
-    """GPUs each worker reserves with `gpu` (a fraction lets small models share a GPU)."""
+    """GPUs each worker reserves with `gpu`. A fraction lets a small model's single worker share a GPU with other
+    runs; with several workers it is refused: Ray may pack two NCCL ranks on one GPU, which NCCL refuses
+    ("Duplicate GPU detected")."""
+    loader_workers: int | None = None
+    """DataLoader processes per worker preparing batches; None: the worker's CPUs on a GPU (the training process
+    mostly waits on the GPU), none on CPUs (the CPUs compute the model)."""
+    wait_for_resources: float = 0.0
+    """Seconds to wait for the CPUs and GPUs the workers need to join the Ray cluster (an autoscaler adding nodes)
+    before failing; 0: fail at once."""
     precision: str = "auto"
     """'auto' (bf16 autocast where the hardware has it, fp32 otherwise), 'fp32', 'bf16' or 'fp16' (GPU only)."""
     channels_last: bool = True
@@ -119,6 +127,12 @@ class TrainConfig:
             (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
             (self.cpus_per_worker >= 1, f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}"),
             (0 < self.gpus_per_worker <= 8, f"gpus_per_worker must be in (0, 8], got {self.gpus_per_worker}"),
+            (not self.gpu or self.workers == 1 or self.gpus_per_worker >= 1,
+             f"{self.workers} workers with {self.gpus_per_worker:g} GPU each: NCCL cannot run two ranks on one GPU "
+             "(Ray would pack them together); give each worker a whole GPU (--gpus-per-worker 1) or use one worker"),
+            (self.loader_workers is None or self.loader_workers >= 0,
+             f"loader_workers must be >= 0, got {self.loader_workers}"),
+            (self.wait_for_resources >= 0, f"wait_for_resources must be >= 0 seconds, got {self.wait_for_resources}"),
             (self.batch_size >= self.workers, f"batch size {self.batch_size} < {self.workers} workers"),
             (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
@@ -167,6 +181,12 @@ class TrainConfig:
     @property
     def num_epochs(self) -> int:
         return self.epochs if self.epochs is not None else REPORT_EPOCHS.get(self.model, 50)
+
+    def data_workers(self, device_type: str) -> int:
+        """DataLoader processes for a worker training on `device_type` ('cuda' or 'cpu')."""
+        if self.loader_workers is not None:
+            return self.loader_workers
+        return self.cpus_per_worker if device_type == "cuda" else 0
 
     @property
     def worker_batch_size(self) -> int:

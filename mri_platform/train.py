@@ -1,14 +1,14 @@
 """Data-parallel training on Ray Train.
 
-`train_step` and `evaluate_batches` are plain PyTorch; `train_loop_per_worker` is the only function that knows it
-runs distributed, and `fit` is the driver: it loads the data, opens the MLflow run, runs the `TorchTrainer`, then
-scores, logs and registers the best checkpoint.
+The step, validation and epoch logic is plain PyTorch in `steps` (and the input pipeline in `pipeline`), so that it
+runs without Ray; `train_loop_per_worker` is the only function that knows it runs distributed, and `fit` is the
+driver: it loads the data, opens the MLflow run, runs the `TorchTrainer`, then scores, logs and registers the best
+checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -20,108 +20,25 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mri_platform.checkpoints import FILENAME, load_checkpoint, save_checkpoint
+from mri_platform.cluster import init_ray
 from mri_platform.config import TrainConfig, state_dir
-from mri_platform.metrics import mse_per_image, psnr_per_image, ssim_per_image, summarize
 from mri_platform.models import build_model, num_parameters
-from mri_platform.noise import NoiseConfig, add_noise, corrupted
+from mri_platform.noise import corrupted
+from mri_platform.pipeline import SliceDataset, make_loader
+from mri_platform.steps import (  # noqa: F401 (train_step, evaluate_batches: the plain-PyTorch API, re-exported)
+    Step,
+    autocast_dtype,
+    evaluate_batches,
+    grad_scaler,
+    lr_schedule,
+    prepare_device,
+    run_epoch,
+    train_step,
+)
 
 METRIC = "val_psnr"  # the checkpoint score: best kept by validation PSNR
-
-
-# ----------------------------------------------------------------------------------------------- plain PyTorch
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision setting on a device, or None for plain fp32."""
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()):
-            return torch.float16
-        return torch.bfloat16
-    if precision == "bf16":
-        return torch.bfloat16
-    # 'auto' on a CPU: bf16 only where the hardware computes it natively (AVX-512 BF16 or AMX); emulated bf16 is slow
-    native = (
-        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    )
-    return torch.bfloat16 if native else None
-
-
-def train_step(
-    model: torch.nn.Module,
-    clean: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    noise: NoiseConfig,
-    generator: torch.Generator | None,
-    amp_dtype: torch.dtype | None,
-    scaler: torch.amp.GradScaler | None = None,
-    max_grad_norm: float | None = None,
-) -> float:
-    """One optimisation step on a batch of clean slices (N, 1, H, W), with fresh noise drawn for it; the gradient's
-    norm clipped to `max_grad_norm` when given."""
-    noisy = add_noise(clean, noise, generator)
-    with torch.autocast(clean.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        restored = model(noisy)
-    loss = F.mse_loss(restored.float(), clean)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        if max_grad_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
-    return loss.item()
-
-
-@torch.inference_mode()
-def evaluate_batches(
-    model: torch.nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int = 64
-) -> tuple[float, float, float, int]:
-    """Sums of per-image MSE, PSNR and SSIM of the model's restorations (fp32), for all-reducing across ranks.
-
-    `pairs` holds (clean, noisy) batches (n, 1, H, W), one per slice shape.
-    """
-    sums, count = torch.zeros(3, dtype=torch.float64), 0
-    for clean, noisy in pairs:
-        for start in range(0, len(clean), batch_size):
-            target, inputs = clean[start : start + batch_size], noisy[start : start + batch_size]
-            restored = model(inputs).float()
-            sums += torch.stack(
-                [
-                    mse_per_image(restored, target).sum().double(),
-                    psnr_per_image(restored, target).sum(),
-                    ssim_per_image(restored, target).sum(),
-                ]
-            ).cpu()
-        count += len(clean)
-    return sums[0].item(), sums[1].item(), sums[2].item(), count
-
-
-def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """'constant', or 'cosine': a linear warm-up over the first 3 % of the steps, then cosine decay to zero.
-
-    Stepped once per optimiser step; its state is checkpointed, so a resumed run continues the same curve.
-    """
-    warmup = max(1, round(0.03 * total_steps))
-
-    def factor(step: int) -> float:
-        if kind == "constant":
-            return 1.0
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ----------------------------------------------------------------------------------------------- Ray worker
@@ -140,9 +57,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
 
-    from mri_platform.data import SliceDataset
     from mri_platform.tracking import EpochLogger
 
     config = TrainConfig(**cfg["config"])
@@ -152,9 +67,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     torch.set_num_threads(config.cpus_per_worker)
     torch.manual_seed(config.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's anyway)
     device = ray.train.torch.get_device()
+    prepare_device(device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     amp_dtype = autocast_dtype(config.precision, device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     model = build_model(config.model_config).to(memory_format=memory_format)
     model = ray.train.torch.prepare_model(model)
@@ -175,14 +90,19 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         intensity=config.augment_intensity,
         length=steps * config.batch_size if steps else None,
     )
-    loader = torch.utils.data.DataLoader(
+    # Our own sampler and device copy rather than prepare_data_loader: the benchmark feeds the model the same way.
+    loader = make_loader(
         dataset,
-        batch_size=config.worker_batch_size,
-        shuffle=True,
+        config.worker_batch_size,
+        rank=rank,
+        world=world,
+        device=device,
+        workers=config.data_workers(device.type),
         drop_last=len(dataset) >= config.batch_size,
     )
-    loader = ray.train.torch.prepare_data_loader(loader)
     scheduler = lr_schedule(optimizer, config.lr_schedule, config.num_epochs * len(loader))
+    step = Step(optimizer, scheduler, config.noise, device, amp_dtype, grad_scaler(amp_dtype, device),
+                config.max_grad_norm, memory_format)  # fmt: skip
 
     start_epoch = 1
     checkpoint = ray.train.get_checkpoint()
@@ -197,39 +117,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     logger = EpochLogger(cfg["tracking_uri"], cfg["mlflow_run_id"]) if rank == 0 else None
     for epoch in range(start_epoch, config.num_epochs + 1):
-        if world > 1:
-            loader.sampler.set_epoch(epoch)
-        # Fresh noise every batch, reproducible from (seed, epoch, rank) so a resumed run draws what it would have.
-        generator = torch.Generator(device=device).manual_seed(hash((config.seed, epoch, rank)) % 2**31)
-        torch.manual_seed(hash((config.seed, epoch, rank, "augment")) % 2**31)  # the dataset's augmentation
-        model.train()
-        started, losses, seen = time.perf_counter(), [], 0
-        for clean in loader:
-            clean = clean.to(memory_format=memory_format)
-            losses.append(
-                train_step(model, clean, optimizer, config.noise, generator, amp_dtype, scaler, config.max_grad_norm)
-            )
-            scheduler.step()
-            seen += clean.shape[0]
-        train_time = time.perf_counter() - started
-
-        model.eval()
-        sums = torch.tensor([*evaluate_batches(model, val_pairs), seen, train_time], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sums)  # sums of metrics and counts; train_time summed, divided by world below
-        mse_sum, psnr_sum, ssim_sum, count, images, time_sum = sums.tolist()
-        scores = summarize(mse_sum, psnr_sum, ssim_sum, int(count))
-        metrics = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(losses)),
-            "val_mse": scores["mse"],
-            "val_psnr": scores["psnr"],
-            "val_psnr_pooled": scores["psnr_pooled"],
-            "val_ssim": scores["ssim"],
-            "images_per_s": images / (time_sum / world),
-            "epoch_time_s": time.perf_counter() - started,
-            "lr": scheduler.get_last_lr()[0],
-        }
+        metrics = run_epoch(model, loader, step, val_pairs, seed=config.seed, epoch=epoch, rank=rank, world=world)
         if rank == 0:
             # Straight to the process's stdout: Ray Train patches print() into a logger that echoes it twice.
             sys.__stdout__.write(
@@ -303,27 +191,6 @@ def worker_resources(config: TrainConfig) -> dict[str, float]:
     return {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.gpu else {})}
 
 
-def _init_ray(config: TrainConfig) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # RAY_ADDRESS (set by `ray job submit`) joins that cluster; otherwise a local one starts in-process.
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-    available = ray.cluster_resources()
-    need_cpu = config.workers * config.cpus_per_worker
-    if not config.gpu and available.get("CPU", 0) < need_cpu:
-        raise RuntimeError(
-            f"{config.workers} workers x {config.cpus_per_worker} CPU need {need_cpu} CPUs, but the Ray cluster has "
-            f"{available.get('CPU', 0):g}: lower --workers or add nodes"
-        )
-    need_gpu = config.workers * config.gpus_per_worker
-    if config.gpu and available.get("GPU", 0) < need_gpu:
-        raise RuntimeError(
-            f"--gpu with {config.workers} workers needs {need_gpu:g} GPUs, but the Ray cluster has "
-            f"{available.get('GPU', 0):g}; run without --gpu on CPU machines"
-        )
-
-
 def fit(
     config: TrainConfig,
     *,
@@ -370,7 +237,7 @@ def fit(
     run_id = tracking.open_training_run(uri, config, run_name, describe, n_params, parent_run_id)
     print(f"MLflow run {run_id} in experiment {config.experiment!r} at {uri}", flush=True)
 
-    _init_ray(config)
+    init_ray(worker_resources(config), workers=config.workers, wait_s=config.wait_for_resources)
     storage_path, filesystem = resolve_storage(config.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,

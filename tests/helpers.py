@@ -12,7 +12,7 @@ from mri_platform.data import load_builtin
 from mri_platform.figures import comparison_figure
 from mri_platform.models import ModelConfig, build_model
 from mri_platform.noise import NoiseConfig
-from mri_platform.train import train_step
+from mri_platform.steps import train_step
 
 DATA = {"source": "builtin", "size": 64, "patch": None}
 """What `train_plainly` trains on: the built-in slices at 64 x 64, whole (no patches)."""

@@ -40,6 +40,9 @@ def test_defaults_follow_the_report_and_overrides_win():
         ({"steps_per_epoch": 0}, "steps_per_epoch"),
         ({"grad_clip": -1.0}, "grad_clip"),
         ({"model": "unet", "depth": 0, "filters": 8, "size": 4}, "size"),
+        ({"gpu": True, "workers": 2, "gpus_per_worker": 0.5}, "NCCL cannot run two ranks on one GPU"),
+        ({"loader_workers": -1}, "loader_workers"),
+        ({"wait_for_resources": -1.0}, "wait_for_resources"),
     ],
 )
 def test_invalid_settings_are_refused_with_a_reason(kwargs, message):
@@ -70,3 +73,22 @@ def test_a_per_model_value_keyed_by_an_unknown_model_is_refused(tmp_path):
     bad.write_text("epochs: {unet: 3, resnet: 4}\n")
     with pytest.raises(ValueError, match="keyed by"):
         build_config(str(bad), model="unet")
+
+
+def test_fractional_gpus_are_refused_at_the_command_line_before_ray_starts():
+    from typer.testing import CliRunner
+
+    from mri_platform.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--gpu", "--workers", "2", "--gpus-per-worker", "0.5"])
+    assert result.exit_code == 2
+    assert "NCCL cannot run two ranks on one GPU" in result.output and "--gpus-per-worker 1" in result.output
+    # one worker may share a GPU (its own process group), and whole GPUs may be shared by nobody
+    assert TrainConfig(gpu=True, workers=1, gpus_per_worker=0.25).gpus_per_worker == 0.25
+    assert TrainConfig(gpu=True, workers=4, gpus_per_worker=1).workers == 4
+
+
+def test_loader_workers_prepare_batches_on_a_gpu_and_stay_out_of_the_way_on_cpus():
+    config = TrainConfig(cpus_per_worker=4)
+    assert (config.data_workers("cuda"), config.data_workers("cpu")) == (4, 0)
+    assert TrainConfig(loader_workers=2).data_workers("cpu") == 2

@@ -117,10 +117,41 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes(local_ray, tmp_path):
     assert max(h["epoch"] for h in outcome["result"].history) == 6
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL, mixed precision); none here")
-def test_gpu_training_with_nccl(local_ray, tmp_path):
-    result = fit(tiny(tmp_path, gpu=True, workers=1, registered_model=""))
-    assert result.metrics["psnr"] > result.metrics["noisy_psnr"]
+NO_CUDA = "needs a CUDA GPU (NCCL, mixed precision, pinned batches); none on this machine"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@pytest.mark.parametrize(
+    ("model", "precision", "workers"),
+    [("ae1", "auto", 1), ("unet", "fp16", 1), pytest.param("unet", "auto", 2, id="unet-2gpus")],
+)
+def test_a_whole_run_on_gpus_with_nccl(local_ray, tmp_path, model, precision, workers):
+    """Ray Train with use_gpu end to end: NCCL, autocast (fp16 with a GradScaler), loader processes, the epoch's
+    all-reduce on the device, checkpoint, scoring."""
+    if torch.cuda.device_count() < workers:
+        pytest.skip(f"needs {workers} GPUs, this machine has {torch.cuda.device_count()}")
+    patches = {"size": "native", "patch": 32, "steps_per_epoch": 6} if model == "unet" else {}
+    config = tiny(tmp_path, model=model, gpu=True, workers=workers, precision=precision, registered_model="",
+                  **patches)  # fmt: skip
+    result = fit(config)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert result.metrics["psnr"] > result.metrics["noisy_psnr"] + 3
+    assert load_checkpoint(result.checkpoint_path)[1]["train"]["gpu"] is True
+
+
+def test_missing_resources_are_waited_for_then_refused_naming_them(local_ray, capsys):
+    from mri_platform.cluster import init_ray
+
+    assert init_ray({"CPU": 1}, workers=2)["CPU"] == 2  # fits: no wait
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"8 CPU \(the cluster has 2\) after waiting 2 s: lower --workers"):
+        init_ray({"CPU": 1}, workers=8, wait_s=2, what="8 workers")
+    assert time.monotonic() - started >= 2
+    assert "waiting up to 2 s for the cluster to hold 8 workers: 8 CPU (the cluster has 2)" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match=r"1 GPU \(the cluster has 0\): run without --gpu") as refused:
+        init_ray({"CPU": 1, "GPU": 1}, wait_s=0)
+    assert "waiting" not in str(refused.value)
 
 
 def test_checkpoints_on_a_real_s3_server(local_ray, tmp_path, s3_server, monkeypatch):

@@ -54,6 +54,12 @@ def test_bad_search_settings_are_refused(kwargs, message):
         SearchConfig(**kwargs)
 
 
+def test_fractional_gpus_pack_one_worker_trials_but_not_the_ranks_of_one_trial():
+    assert SearchConfig(workers_per_trial=1, gpus_per_worker=0.25).gpus_per_worker == 0.25
+    with pytest.raises(ValueError, match="NCCL cannot run two ranks of a trial on one GPU"):
+        SearchConfig(workers_per_trial=2, gpus_per_worker=0.5)
+
+
 def test_trials_are_sized_to_what_the_cluster_holds():
     from mri_platform.config import TrainConfig
 

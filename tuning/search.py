@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mri_platform.cluster import DRIVER_RESOURCE, init_ray
 from mri_platform.config import TrainConfig, build_config, read_preset, state_dir
 from mri_platform.models import NAMED, ModelConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
-DRIVER_RESOURCE = "TRAIN_DRIVER"
 METRIC = "val_psnr"
 SWEEP_TAG = "sweep_name"
 
@@ -45,7 +45,8 @@ class SearchConfig:
     workers_per_trial: int = 2
     """Ray Train workers in each trial."""
     gpus_per_worker: float = 0.0
-    """GPUs per worker; 0 trains on CPUs."""
+    """GPUs per worker; 0 trains on CPUs. A fraction packs several one-worker trials on a GPU; with several workers
+    per trial it is refused (two NCCL ranks on one GPU fail)."""
     max_concurrent: int | None = None
     """Trials at once; None fits as many as the cluster's CPUs (or GPUs) hold."""
     scheduler: str = "asha"
@@ -82,6 +83,11 @@ class SearchConfig:
             (self.samples >= 1, f"samples must be >= 1, got {self.samples}"),
             (self.workers_per_trial >= 1, f"workers_per_trial must be >= 1, got {self.workers_per_trial}"),
             (self.gpus_per_worker >= 0, f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}"),
+            (
+                self.gpus_per_worker == 0 or self.gpus_per_worker >= 1 or self.workers_per_trial == 1,
+                f"{self.workers_per_trial} workers per trial with {self.gpus_per_worker:g} GPU each: NCCL cannot run "
+                "two ranks of a trial on one GPU; use --gpus-per-worker 1, or one worker per trial to pack trials",
+            ),
             (self.max_concurrent is None or self.max_concurrent >= 1, "max_concurrent must be >= 1"),
             (self.scheduler in ("asha", "fifo"), f"scheduler must be 'asha' or 'fifo', got {self.scheduler!r}"),
             (self.grace_period >= 1, f"grace_period must be >= 1, got {self.grace_period}"),
@@ -180,36 +186,6 @@ def _concurrency(search: SearchConfig, config: TrainConfig, resources: dict[str,
     return min(search.max_concurrent or possible, possible, search.samples)
 
 
-def init_ray() -> dict[str, float]:
-    import ray
-
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        local: dict[str, Any] = {}
-        if not address:
-            # Ray Train frees the workers of a trial that Tune stopped through a PlacementGroupCleaner that asks the
-            # dashboard's state API whether the trial's controller is gone. It finds the API by scanning the machine
-            # for Ray instances and gives up when there are several; pointing it at ours keeps stopped trials from
-            # holding their CPUs forever.
-            from mri_platform.services import free_port
-
-            port = free_port()
-            local = {
-                "resources": {DRIVER_RESOURCE: 64},
-                "include_dashboard": True,
-                "dashboard_port": port,
-                "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-            }
-        ray.init(address=address, log_to_driver=True, **local)
-    resources = ray.cluster_resources()
-    if resources.get(DRIVER_RESOURCE, 0) < 1:
-        raise RuntimeError(
-            f"this Ray cluster has no {DRIVER_RESOURCE!r} resource, which Tune trial drivers reserve instead of a "
-            f"CPU: start its head with `ray start --head --resources '{{\"{DRIVER_RESOURCE}\": 64}}'`"
-        )
-    return resources
-
-
 def _scheduler(search: SearchConfig):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -255,7 +231,10 @@ def run_search(
     if resume and not name:
         raise ValueError("--resume needs --name of the sweep to continue")
     name = name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    resources = init_ray()
+    trial_need = {"CPU": search.workers_per_trial * base.cpus_per_worker, DRIVER_RESOURCE: 1}
+    if search.gpus_per_worker:
+        trial_need["GPU"] = search.workers_per_trial * search.gpus_per_worker
+    resources = init_ray(trial_need, wait_s=base.wait_for_resources, what="one trial")
     concurrent = _concurrency(search, base, resources)
 
     uri = tracking.resolve_tracking_uri(base.tracking_uri)

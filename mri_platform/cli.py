@@ -79,6 +79,26 @@ def _write_json(path: Path | None, payload: dict) -> None:
         typer.echo(f"wrote {path}")
 
 
+def _fit_resuming(config, times: int):
+    """fit(config), resumed from its last checkpoint up to `times` times if it fails for a storage or worker reason."""
+    import dataclasses
+
+    from mri_platform.train import TrainingFailed, fit
+
+    for attempt in range(1, times + 2):
+        try:
+            return fit(config)
+        except TrainingFailed as exc:
+            if exc.kind is None or attempt > times:
+                raise
+            typer.secho(
+                f"run {exc.run_name} failed ({exc.kind}: {exc.reason}); resuming it from its last checkpoint "
+                f"(auto-resume {attempt} of {times})",
+                fg=typer.colors.YELLOW,
+            )
+            config = dataclasses.replace(config, run_name=exc.run_name, resume=True)
+
+
 @app.command()
 def train(
     model: Annotated[
@@ -124,6 +144,14 @@ def train(
     preset: Annotated[str | None, typer.Option(help="demo, report, gpu, or a YAML file of settings.")] = None,
     run_name: Annotated[str | None, typer.Option(help="Name of the Ray Train run (unique by default).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue --run-name from its last checkpoint.")] = False,
+    auto_resume: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Resume a run that still failed for a storage or worker reason (after Ray Train's own restarts) "
+            "from its last checkpoint, up to N times; 0 stops at the first failure.",
+        ),
+    ] = 2,
     registered_model: Annotated[str | None, typer.Option(help="Registry name (default mri-denoiser).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of split, weights, augmentation and noise.")] = None,
     json_out: JsonOut = None,
@@ -151,10 +179,8 @@ def train(
         f"for {config.num_epochs} epochs on {config.workers} {'GPU' if config.gpu else 'CPU'} worker(s), "
         f"{_views(config)}, noise {config.noise.describe()}"
     )
-    from mri_platform.train import fit
-
     try:
-        result = fit(config)
+        result = _fit_resuming(config, auto_resume)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise _fail(str(exc), code=1) from exc
     metrics = result.metrics

@@ -17,7 +17,7 @@ POLL_S = 1.0
 
 
 def _start_local() -> dict[str, Any]:
-    """ray.init options of a local cluster.
+    """ray.init options of a local cluster (and the Ray Train settings that suit one).
 
     Ray Train frees the workers of a trial that Tune stopped through a PlacementGroupCleaner that asks the dashboard's
     state API whether the trial's controller is gone. It finds the API by scanning the machine for Ray instances and
@@ -26,6 +26,9 @@ def _start_local() -> dict[str, Any]:
     from mri_platform.services import free_port
 
     port = free_port()
+    # Ray Train's preemption watcher polls for nodes being drained, which a local cluster never is; each one it starts
+    # logs an error-level core_worker line ("has constructor arguments in the object store and max_restarts > 0").
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     return {
         "resources": {DRIVER_RESOURCE: 64},
         "include_dashboard": True,

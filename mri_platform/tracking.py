@@ -121,7 +121,7 @@ def open_training_run(
 
 
 class EpochLogger:
-    """Logs per-epoch metrics from rank 0 of a Ray Train run into an existing MLflow run."""
+    """Logs per-epoch metrics of a Ray Train run into an existing MLflow run (see `recovery.EpochRecorder`)."""
 
     def __init__(self, uri: str, run_id: str) -> None:
         self.client, self.run_id = client(uri), run_id
@@ -132,6 +132,10 @@ class EpochLogger:
         now = int(time.time() * 1000)
         values = [Metric(k, float(metrics[k]), now, step) for k in EPOCH_METRICS if k in metrics]
         self.client.log_batch(self.run_id, metrics=values)
+
+    def logged_steps(self) -> set[int]:
+        """The epochs that already have their points (every epoch logs `train_loss`)."""
+        return {m.step for m in self.client.get_metric_history(self.run_id, "train_loss")}
 
 
 def epoch_history(uri: str, run_id: str) -> list[dict[str, float]]:

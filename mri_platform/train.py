@@ -9,7 +9,6 @@ checkpoint.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from mri_platform.steps import (  # noqa: F401 (train_step, evaluate_batches: th
     run_epoch,
     train_step,
 )
+from mri_platform.storage import prune_unlisted_checkpoints, resolve_storage
 
 METRIC = "val_psnr"  # the checkpoint score: best kept by validation PSNR
 
@@ -57,8 +57,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
-
-    from mri_platform.tracking import EpochLogger
 
     config = TrainConfig(**cfg["config"])
     _quiet_ray_train_reports()
@@ -104,7 +102,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     step = Step(optimizer, scheduler, config.noise, device, amp_dtype, grad_scaler(amp_dtype, device),
                 config.max_grad_norm, memory_format)  # fmt: skip
 
-    start_epoch = 1
+    start_epoch, history = 1, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resuming a run, or restarting after a worker was lost
         with checkpoint.as_directory() as folder:
@@ -114,8 +112,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if "scheduler" in payload:
             scheduler.load_state_dict(payload["scheduler"])
         start_epoch = payload["epoch"] + 1
+        history = list(payload.get("history", []))
 
-    logger = EpochLogger(cfg["tracking_uri"], cfg["mlflow_run_id"]) if rank == 0 else None
+    # MLflow gets each epoch's metrics from the controller once the epoch is registered (recovery.EpochRecorder):
+    # an epoch redone after a failure is then logged once.
     for epoch in range(start_epoch, config.num_epochs + 1):
         metrics = run_epoch(model, loader, step, val_pairs, seed=config.seed, epoch=epoch, rank=rank, world=world)
         if rank == 0:
@@ -126,7 +126,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 f"{metrics['images_per_s']:6.0f} img/s  {metrics['epoch_time_s']:5.1f} s\n"
             )
             sys.__stdout__.flush()
-            logger.log(metrics, step=epoch)
+            history.append(metrics)  # in the checkpoint: the driver fills in what MLflow missed
             with tempfile.TemporaryDirectory() as folder:
                 save_checkpoint(
                     Path(folder) / FILENAME,
@@ -135,6 +135,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                     scheduler=scheduler.state_dict(),
                     epoch=epoch,
                     metrics=metrics,
+                    history=history,
                     **cfg["describe"],
                 )
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
@@ -168,22 +169,12 @@ class TrainResult:
         }
 
 
-def resolve_storage(storage: str | None) -> tuple[str, Any]:
-    """(storage_path, pyarrow filesystem or None) for RunConfig; s3:// honours $AWS_ENDPOINT_URL for any S3 server."""
-    if not storage:
-        return str(state_dir() / "ray_results"), None
-    if not storage.startswith("s3://"):
-        return str(Path(storage).resolve()), None
-    import pyarrow.fs
+class TrainingFailed(RuntimeError):
+    """A run that failed; `kind` is 'storage' or 'worker' when resuming it from its last checkpoint may cure it."""
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"])
-    return storage.removeprefix("s3://").rstrip("/"), pyarrow.fs.S3FileSystem(**kwargs)
+    def __init__(self, message: str, run_name: str, kind: str | None, reason: str) -> None:
+        super().__init__(message)
+        self.run_name, self.kind, self.reason = run_name, kind, reason
 
 
 def worker_resources(config: TrainConfig) -> dict[str, float]:
@@ -207,7 +198,7 @@ def fit(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from mri_platform import tracking
+    from mri_platform import recovery, tracking
     from mri_platform.data import load_splits
     from mri_platform.evaluate import score_model
     from mri_platform.figures import comparison_figure
@@ -239,6 +230,9 @@ def fit(
 
     init_ray(worker_resources(config), workers=config.workers, wait_s=config.wait_for_resources)
     storage_path, filesystem = resolve_storage(config.storage)
+    if config.resume:
+        prune_unlisted_checkpoints(storage_path, filesystem, run_name)
+    recorder = recovery.EpochRecorder(uri, run_id, config.max_failures)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -264,7 +258,7 @@ def fit(
             # controller_failure_limit: give up after ~10 one-minute waits for workers that never start, instead of
             # waiting forever (an autoscaler has that long to add nodes).
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures, controller_failure_limit=10),
-            callbacks=callbacks,
+            callbacks=[recorder, *(callbacks or [])],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # per-epoch lines are ours
         ),
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if config.gpu else "gloo"),
@@ -274,11 +268,17 @@ def fit(
         result = trainer.fit()
     except Exception as exc:
         tracking.end_run(uri, run_id, failed=True)
-        raise RuntimeError(
-            f"training run {run_name!r} failed ({exc}); its checkpoints are kept under {storage_path}: "
-            f"continue it with --resume --run-name {run_name}"
+        kind = recovery.failure_kind(exc)
+        reason = _first_line(exc)
+        raise TrainingFailed(
+            f"training run {run_name!r} failed ({reason}); its checkpoints are kept under {storage_path}: "
+            f"continue it with --resume --run-name {run_name}",
+            run_name,
+            kind,
+            reason,
         ) from exc
     train_time = time.perf_counter() - started
+    _fill_in_epochs(uri, run_id, result.checkpoint)
 
     best = result.get_best_checkpoint(metric=METRIC, mode="max") or result.checkpoint
     local_dir = state_dir() / "models" / run_name  # the best checkpoint and its figure, beside the MLflow copy
@@ -304,6 +304,27 @@ def fit(
         history=history,
         train_time_s=train_time,
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    """The innermost cause's first line: Ray wraps a worker's error in several layers of tracebacks."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    line = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {line[:240]}" if line else type(exc).__name__
+
+
+def _fill_in_epochs(uri: str, run_id: str, checkpoint) -> None:
+    """Log the epochs the controller could not (MLflow away until the run ended), from the last checkpoint's history."""
+    from mri_platform import recovery, tracking
+
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as folder:
+        history = torch.load(Path(folder) / FILENAME, map_location="cpu", weights_only=True).get("history", [])
+    logger = tracking.EpochLogger(uri, run_id)
+    for metrics in recovery.missing_epochs(uri, run_id, history):
+        logger.log(metrics, step=int(metrics["epoch"]))
 
 
 def _mean_throughput(history: list[dict[str, float]]) -> float:

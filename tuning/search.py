@@ -221,7 +221,7 @@ def run_search(
     from ray import tune
 
     from mri_platform import tracking
-    from mri_platform.train import resolve_storage
+    from mri_platform.storage import resolve_storage
 
     overrides = dict(train_overrides or {})
     overrides["workers"] = search.workers_per_trial

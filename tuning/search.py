@@ -326,8 +326,8 @@ def _finish(grid, trials, search, base, uri, parent_run_id, registered_model, fi
 
     from mri_platform import tracking
     from mri_platform.checkpoints import FILENAME, load_checkpoint
-    from mri_platform.data import load_splits
     from mri_platform.evaluate import promote, score_model
+    from mri_platform.train import held_out_set
 
     scored = [t for t in trials if not math.isnan(t["psnr"]) and t["checkpoint_path"]]
     summary: dict[str, Any] = {
@@ -350,8 +350,7 @@ def _finish(grid, trials, search, base, uri, parent_run_id, registered_model, fi
     ray.train.Checkpoint(best["checkpoint_path"], filesystem=filesystem).to_directory(str(local))
     model, meta = load_checkpoint(local / FILENAME)
     config = TrainConfig(**{**meta["train"], "noise": meta["noise"], "registered_model": registered_model})
-    _, held_out = load_splits(config.data, planes=config.planes, size=config.size,
-                              test_fraction=config.test_fraction, seed=config.seed)  # fmt: skip
+    held_out = held_out_set(config)
     scores = score_model(model, held_out, config.noise, seed=config.eval_seed)
     best_run = meta["mlflow_run_id"]
     _, version = tracking.log_model(uri, best_run, model, local / FILENAME, scores, config)

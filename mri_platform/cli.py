@@ -34,6 +34,20 @@ TrackingUri = Annotated[
     typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite in .state/)."),
 ]
 Data = Annotated[str | None, typer.Option(help="'builtin', a folder of JPEG/PNG images, or NIfTI file(s)/folder.")]
+TrainData = Annotated[
+    str | None,
+    typer.Option(
+        help="'builtin', a folder of JPEG/PNG images, or NIfTI file(s)/folder, on disk or s3://bucket/prefix "
+        "(any S3 endpoint: AWS_ENDPOINT_URL and keys)."
+    ),
+]
+Loading = Annotated[
+    str | None,
+    typer.Option(
+        help="auto (default: the built-in data in memory, any other source with Ray Data), memory (the driver "
+        "loads the slices), or ray-data (Ray Data tasks read and slice the files; workers stream their shards)."
+    ),
+]
 Planes = Annotated[str, typer.Option(help="NIfTI planes to slice, comma-separated: axial,coronal,sagittal.")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the result as JSON to this file.")]
 WaitForResources = Annotated[
@@ -133,7 +147,8 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help="Global batch size, split across workers.")] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16 (GPU).")] = None,
-    data: Data = None,
+    data: TrainData = None,
+    loading: Loading = None,
     planes: Planes = "axial",
     noise_variance: NoiseVariance = None,
     noise_std: NoiseStd = None,
@@ -167,7 +182,7 @@ def train(
             model=model, filters=filters, depth=depth, epochs=epochs, steps_per_epoch=steps_per_epoch, size=size,
             patch=patch, schedule=schedule, intensity_augment=intensity_augment, workers=workers, gpu=gpu,
             gpus_per_worker=gpus_per_worker, wait_for_resources=wait_for_resources, batch_size=batch_size, lr=lr,
-            precision=precision, data=data, planes=tuple(planes.split(",")),
+            precision=precision, data=data, loading=loading, planes=tuple(planes.split(",")),
             noise=_noise(noise_variance, noise_std, noise_kind, no_clip, default=base.noise),
             tracking_uri=tracking_uri, storage=storage, run_name=run_name, resume=resume or None,
             registered_model=registered_model, seed=seed,
@@ -392,7 +407,8 @@ def tune(
     reduction_factor: Annotated[int | None, typer.Option(help="ASHA: keep 1/N of trials per rung.")] = None,
     search: Annotated[str | None, typer.Option(help="optuna (TPE, seeded) or random.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the search algorithm.")] = None,
-    data: Data = None,
+    data: TrainData = None,
+    loading: Loading = None,
     noise_variance: NoiseVariance = None,
     noise_std: NoiseStd = None,
     tracking_uri: TrackingUri = None,
@@ -415,7 +431,7 @@ def tune(
             scheduler=scheduler, grace_period=grace_period, reduction_factor=reduction_factor, search=search, seed=seed,
         )  # fmt: skip
         noise = _noise(noise_variance, noise_std, None, False)
-        overrides = {"data": data, "noise": noise, "tracking_uri": tracking_uri, "storage": storage,
+        overrides = {"data": data, "loading": loading, "noise": noise, "tracking_uri": tracking_uri, "storage": storage,
                      "wait_for_resources": wait_for_resources}  # fmt: skip
         summary = run_search(
             config,

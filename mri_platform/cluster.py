@@ -56,13 +56,20 @@ def _hint(gaps: dict[str, tuple[float, float]]) -> str:
 
 
 def init_ray(
-    per_worker: dict[str, float], *, workers: int = 1, wait_s: float = 0.0, what: str = "the workers"
+    per_worker: dict[str, float],
+    *,
+    workers: int = 1,
+    wait_s: float = 0.0,
+    what: str = "the workers",
+    once: dict[str, float] | None = None,
+    ask_workers: int | None = None,
 ) -> dict[str, float]:
-    """Join or start Ray, then make sure the cluster holds `workers` x `per_worker` resources; returns the cluster's
-    resources.
+    """Join or start Ray, then make sure the cluster holds `workers` x `per_worker` resources (and `once`, e.g. a
+    trial driver's slot on the head); returns the cluster's resources.
 
-    Missing resources are asked of the autoscaler (a no-op without one) and waited for up to `wait_s` seconds,
-    saying what is awaited; past that a RuntimeError names what was missing.
+    Missing resources are asked of the autoscaler (a no-op without one) as `ask_workers` (default `workers`) bundles
+    of `per_worker`, one per worker, so that each fits one node, and waited for up to `wait_s` seconds, saying what
+    is awaited; past that a RuntimeError names what was missing.
     """
     import ray
 
@@ -70,6 +77,8 @@ def init_ray(
         address = os.environ.get("RAY_ADDRESS")
         ray.init(address=address, log_to_driver=True, **({} if address else _start_local()))
     need = {name: amount * workers for name, amount in per_worker.items() if amount}
+    for name, amount in (once or {}).items():
+        need[name] = need.get(name, 0.0) + amount
     have = ray.cluster_resources()
     gaps = missing(need, have)
     if not gaps:
@@ -78,7 +87,8 @@ def init_ray(
     if wait_s > 0:
         from ray.autoscaler.sdk import request_resources
 
-        request_resources(bundles=[dict(per_worker)] * workers)  # lets an autoscaler add the nodes
+        bundle = {name: amount for name, amount in per_worker.items() if amount}
+        request_resources(bundles=[bundle] * (ask_workers or workers))  # lets an autoscaler add the nodes
         print(f"waiting up to {wait_s:g} s for the cluster to hold {what}: {_describe(gaps)}", flush=True)
     while gaps and time.monotonic() < deadline:
         time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))

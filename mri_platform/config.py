@@ -22,6 +22,7 @@ REPORT_EPOCHS = {"ae1": 50, "ae2": 70}
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PLANES = ("axial", "coronal", "sagittal")
+LOADINGS = ("auto", "memory", "ray-data")
 
 
 def state_dir() -> Path:
@@ -71,7 +72,12 @@ class TrainConfig:
     channels_last: bool = True
     """Use the channels-last memory format, about twice as fast for these convolutions on CPUs."""
     data: str = "builtin"
-    """'builtin' (MRI volumes shipped in PyPI packages), a folder of JPEG/PNG images, or NIfTI files."""
+    """'builtin' (MRI volumes shipped in PyPI packages), a folder of JPEG/PNG images, or NIfTI files; on local disk
+    or s3://bucket/prefix (read with Ray Data)."""
+    loading: str = "auto"
+    """'memory' (the driver loads the slices and shares them), 'ray-data' (Ray Data tasks read and slice the files
+    on the cluster, each worker streams its shard; the driver never holds the data set), or 'auto': memory for the
+    built-in data, Ray Data for every other source."""
     planes: tuple[str, ...] = ("axial",)
     """Planes to slice NIfTI volumes along."""
     test_fraction: float = 0.2
@@ -137,6 +143,9 @@ class TrainConfig:
             (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.precision != "fp16" or self.gpu, "fp16 needs --gpu; on CPUs use bf16 or fp32"),
+            (self.loading in LOADINGS, f"loading must be one of {LOADINGS}, got {self.loading!r}"),
+            (self.loading != "memory" or not str(self.data).startswith("s3://"),
+             "data on S3 is read with Ray Data: use --loading ray-data (or auto)"),
             (0 < self.test_fraction < 1, f"test_fraction must be in (0, 1), got {self.test_fraction}"),
             (set(self.planes) <= set(PLANES), f"planes must be among {PLANES}, got {self.planes}"),
             (not self.resume or bool(self.run_name), "resume needs the run name of the run to continue"),
@@ -161,6 +170,13 @@ class TrainConfig:
     @property
     def model_config(self) -> ModelConfig:
         return ModelConfig.named(self.model, self.filters, self.depth)
+
+    @property
+    def ray_data(self) -> bool:
+        """Whether the run reads its data with Ray Data (see `loading`)."""
+        from mri_platform.streaming import uses_ray_data
+
+        return uses_ray_data(self.loading, self.data)
 
     @property
     def lr_schedule(self) -> str:

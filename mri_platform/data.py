@@ -8,6 +8,7 @@ augmentation and so trained on copies of its test images). Augmentation is appli
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import numbers
@@ -266,6 +267,23 @@ def _read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
         image = nib.load(path)
     except Exception as exc:  # nibabel raises many types for garbage; all mean "not a readable NIfTI"
         raise _Skip(f"not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+    return _volume_of(image)
+
+
+def _nifti_from_bytes(content: bytes) -> nib.Nifti1Image | nib.Nifti2Image:
+    """A NIfTI image from a file's bytes (gzipped or not), as read from S3 without a local copy."""
+    try:
+        if content[:2] == b"\x1f\x8b":
+            content = gzip.decompress(content)
+        if len(content) >= 4 and int.from_bytes(content[:4], "little") == 540:  # sizeof_hdr 540: NIfTI-2
+            return nib.Nifti2Image.from_bytes(content)
+        return nib.Nifti1Image.from_bytes(content)
+    except Exception as exc:  # garbage, truncated archives, wrong magic
+        raise _Skip(f"not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+
+
+def _volume_of(image) -> tuple[np.ndarray, np.ndarray]:
+    """`_read_volume` of an image nibabel has opened."""
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise _Skip(f"not a NIfTI image (nibabel read it as {type(image).__name__})")
     shape = image.shape
@@ -286,10 +304,10 @@ def _read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _volume_slices(
-    path: Path, label: str, planes: Sequence[str], size: int | str
+    path: Path | bytes, label: str, planes: Sequence[str], size: int | str
 ) -> tuple[list[str], list[np.ndarray]]:
-    """Names and images of the usable slices of one NIfTI file along the given planes."""
-    volume, spacing = _read_volume(path)
+    """Names and images of the usable slices of one NIfTI file (a path, or the file's bytes) along the planes."""
+    volume, spacing = _volume_of(_nifti_from_bytes(path)) if isinstance(path, bytes) else _read_volume(path)
     names, images = [], []
     for plane in planes:
         indices, plane_images = _slice_images(*_oriented(volume, spacing, plane), size)
@@ -612,3 +630,21 @@ def load_any(data: str | Path | None, *, planes: Sequence[str] = ("axial",), siz
     if _is_builtin(data):
         return load_builtin(size)[1]
     return _load_path(data, planes, size)
+
+
+def file_slices(
+    content: bytes, label: str, *, planes: Sequence[str] = ("axial",), size: int | str = 64
+) -> tuple[list[str], list[np.ndarray], str | None]:
+    """One file's usable slices from its bytes: a NIfTI volume (by its name) sliced along `planes`, else an image.
+
+    Returns (names, images, None), or ([], [], why) for a file that is skipped: what each Ray Data task runs on the
+    files it reads (`streaming`), so both paths slice, resize and normalise the same way.
+    """
+    size = _checked_size(size)
+    try:
+        if label.lower().endswith(NIFTI_SUFFIXES):
+            names, images = _volume_slices(content, label, _check_planes(planes), size)
+            return names, images, None
+        return [label], [_read_picture(content, size)], None
+    except _Skip as skip:
+        return [], [], str(skip)

@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ from mri_platform.steps import (  # noqa: F401 (train_step, evaluate_batches: th
     train_step,
 )
 from mri_platform.storage import prune_unlisted_checkpoints, resolve_storage
+
+if TYPE_CHECKING:
+    from mri_platform.data import SliceSet
 
 METRIC = "val_psnr"  # the checkpoint score: best kept by validation PSNR
 
@@ -73,31 +76,50 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
 
-    train_images = ray.get(cfg["train_ref"])  # (N, H, W), or (N,) arrays of their own sizes; the dataset copies
+    streamed = cfg.get("streamed")
+    if streamed:  # Ray Data: every rank reads the whole held-out sample and streams its own share of training rows
+        from mri_platform.streaming import ShardLoader, slice_set
+
+        val_shard = ray.train.get_dataset_shard("val")
+        val_set = slice_set(list(val_shard.iter_batches(batch_size=256, batch_format="numpy")), "ray-data")
+    else:
+        val_set = ray.get(cfg["val_ref"])
     # The same corruption whatever the world size: drawn for the whole set, then each rank takes its share.
     val_pairs = [
         (clean[rank::world].to(device, memory_format=memory_format),
          noisy[rank::world].to(device, memory_format=memory_format))
-        for clean, noisy in corrupted(ray.get(cfg["val_ref"]), config.noise, config.eval_seed)
+        for clean, noisy in corrupted(val_set, config.noise, config.eval_seed)
     ]  # fmt: skip
     steps = config.steps_per_epoch
-    dataset = SliceDataset(
-        train_images,
-        augment=config.augment,
-        patch=config.patch,
-        intensity=config.augment_intensity,
-        length=steps * config.batch_size if steps else None,
-    )
-    # Our own sampler and device copy rather than prepare_data_loader: the benchmark feeds the model the same way.
-    loader = make_loader(
-        dataset,
-        config.worker_batch_size,
-        rank=rank,
-        world=world,
-        device=device,
-        workers=config.data_workers(device.type),
-        drop_last=len(dataset) >= config.batch_size,
-    )
+    if streamed:
+        rows = streamed["n_train"] // world
+        loader = ShardLoader(
+            ray.train.get_dataset_shard("train"),
+            config.worker_batch_size,
+            steps or max(1, rows // config.worker_batch_size),
+            rows=rows,
+            augment=config.augment,
+            patch=config.patch,
+            intensity=config.augment_intensity,
+        )
+    else:
+        dataset = SliceDataset(
+            ray.get(cfg["train_ref"]),  # (N, H, W), or (N,) arrays of their own sizes; the dataset copies
+            augment=config.augment,
+            patch=config.patch,
+            intensity=config.augment_intensity,
+            length=steps * config.batch_size if steps else None,
+        )
+        # Our own sampler and device copy rather than prepare_data_loader: the benchmark feeds the model the same way.
+        loader = make_loader(
+            dataset,
+            config.worker_batch_size,
+            rank=rank,
+            world=world,
+            device=device,
+            workers=config.data_workers(device.type),
+            drop_last=len(dataset) >= config.batch_size,
+        )
     scheduler = lr_schedule(optimizer, config.lr_schedule, config.num_epochs * len(loader))
     step = Step(optimizer, scheduler, config.noise, device, amp_dtype, grad_scaler(amp_dtype, device),
                 config.max_grad_norm, memory_format)  # fmt: skip
@@ -116,6 +138,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     # MLflow gets each epoch's metrics from the controller once the epoch is registered (recovery.EpochRecorder):
     # an epoch redone after a failure is then logged once.
+    nodes = _worker_nodes(ray.get_runtime_context().get_node_id(), world)
+    if rank == 0:  # a tag, not a param: a restarted worker may land elsewhere
+        _tag_worker_nodes(cfg["tracking_uri"], cfg["mlflow_run_id"], nodes)
     for epoch in range(start_epoch, config.num_epochs + 1):
         metrics = run_epoch(model, loader, step, val_pairs, seed=config.seed, epoch=epoch, rank=rank, world=world)
         if rank == 0:
@@ -141,6 +166,27 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics)
+
+
+def _tag_worker_nodes(uri: str, run_id: str, nodes: list[str]) -> None:
+    """Tag the run with its workers' nodes; an MLflow server that is down costs the tag, not the run."""
+    from mri_platform import tracking
+
+    try:
+        tracking.client(uri).set_tag(run_id, "worker_nodes", ",".join(nodes))
+    except Exception as exc:  # the metrics have their own retrying path (recovery.EpochRecorder)
+        sys.__stdout__.write(f"could not tag the run with its workers' nodes ({type(exc).__name__}); going on\n")
+
+
+def _worker_nodes(node_id: str, world: int) -> list[str]:
+    """The Ray node of every rank, in rank order (one all-gather over the run's process group)."""
+    import torch.distributed as dist
+
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [node_id]
+    nodes: list[str | None] = [None] * world
+    dist.all_gather_object(nodes, node_id)
+    return [str(n) for n in nodes]
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -177,6 +223,20 @@ class TrainingFailed(RuntimeError):
         self.run_name, self.kind, self.reason = run_name, kind, reason
 
 
+def held_out_set(config: TrainConfig) -> SliceSet:
+    """The held-out slices a run of `config` is scored on: the whole held-out split in memory, or with Ray Data the
+    first `streaming.HELD_OUT_SAMPLE` of it (Ray must be up)."""
+    if config.ray_data:
+        from mri_platform.streaming import prepare_held_out
+
+        return prepare_held_out(config.data, planes=config.planes, size=config.size,
+                                test_fraction=config.test_fraction, seed=config.seed)  # fmt: skip
+    from mri_platform.data import load_splits
+
+    return load_splits(config.data, planes=config.planes, size=config.size, test_fraction=config.test_fraction,
+                       seed=config.seed)[1]  # fmt: skip
+
+
 def worker_resources(config: TrainConfig) -> dict[str, float]:
     """What one Ray Train worker reserves."""
     return {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if config.gpu else {})}
@@ -203,19 +263,33 @@ def fit(
     from mri_platform.evaluate import score_model
     from mri_platform.figures import comparison_figure
 
-    train_set, val_set = load_splits(config.data, planes=config.planes, size=config.size,
-                                     test_fraction=config.test_fraction, seed=config.seed)  # fmt: skip
-    if train_set.skipped:
-        print(f"skipped {len(train_set.skipped)} unreadable inputs: " + "; ".join(
-            f"{path}: {why}" for path, why in train_set.skipped[:10]), flush=True)  # fmt: skip
+    init_ray(worker_resources(config), workers=config.workers, wait_s=config.wait_for_resources)
+    streamed, train_set = None, None
+    if config.ray_data:  # read and sliced by Ray Data tasks; the driver keeps references and a held-out sample
+        from mri_platform.streaming import prepare
+
+        streamed = prepare(config.data, planes=config.planes, size=config.size, test_fraction=config.test_fraction,
+                           seed=config.seed)  # fmt: skip
+        val_set = streamed.held_out_set()
+        source, n_train, fingerprint = streamed.split.source, streamed.n_train, streamed.split.fingerprint()
+        print(f"Ray Data: {n_train} training slices of {len(streamed.split.train)} files, {len(val_set)} held-out "
+              f"slices of {len(streamed.split.held_out)} files, from {source}", flush=True)  # fmt: skip
+    else:
+        train_set, val_set = load_splits(config.data, planes=config.planes, size=config.size,
+                                         test_fraction=config.test_fraction, seed=config.seed)  # fmt: skip
+        source, n_train, fingerprint = train_set.source, len(train_set), train_set.fingerprint()
+        if train_set.skipped:
+            print(f"skipped {len(train_set.skipped)} unreadable inputs: " + "; ".join(
+                f"{path}: {why}" for path, why in train_set.skipped[:10]), flush=True)  # fmt: skip
     run_name = config.run_name or f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     describe = {
         "noise": config.noise.to_dict(),
         "data": {
-            "source": train_set.source,
-            "fingerprint_train": train_set.fingerprint(),
+            "source": source,
+            "loading": "ray-data" if streamed else "memory",
+            "fingerprint_train": fingerprint,
             "fingerprint_val": val_set.fingerprint(),
-            "n_train": len(train_set),
+            "n_train": n_train,
             "n_val": len(val_set),
             "size": config.size,
             "patch": config.patch,
@@ -228,17 +302,23 @@ def fit(
     run_id = tracking.open_training_run(uri, config, run_name, describe, n_params, parent_run_id)
     print(f"MLflow run {run_id} in experiment {config.experiment!r} at {uri}", flush=True)
 
-    init_ray(worker_resources(config), workers=config.workers, wait_s=config.wait_for_resources)
     storage_path, filesystem = resolve_storage(config.storage)
     if config.resume:
         prune_unlisted_checkpoints(storage_path, filesystem, run_name)
     recorder = recovery.EpochRecorder(uri, run_id, config.max_failures)
+    if streamed:
+        data_refs = {"streamed": {"n_train": n_train}}
+        datasets = {"datasets": {"train": streamed.train, "val": streamed.held_out},
+                    "dataset_config": ray.train.DataConfig(datasets_to_split=["train"])}  # fmt: skip
+    else:
+        data_refs, datasets = {"train_ref": ray.put(train_set.images), "val_ref": ray.put(val_set)}, {}
+        del train_set  # the object store holds it now
     trainer = TorchTrainer(
         train_loop_per_worker,
+        **datasets,
         train_loop_config={
             "config": {**config.to_dict(), "noise": config.noise.to_dict()},
-            "train_ref": ray.put(train_set.images),
-            "val_ref": ray.put(val_set),
+            **data_refs,
             "tracking_uri": uri,
             "mlflow_run_id": run_id,
             "describe": {**describe, "mlflow_run_id": run_id},

@@ -196,12 +196,13 @@ def _ray_resources(group: dict[str, Any]) -> dict[str, float]:
     return found
 
 
-def _job_cluster_resources(cluster: dict[str, Any]) -> dict[str, float]:
-    """What a RayJob's cluster offers when the job starts: the head and every worker group at minReplicas."""
+def _job_cluster_resources(cluster: dict[str, Any], replicas: str = "minReplicas") -> dict[str, float]:
+    """What a RayJob's cluster offers: the head and every worker group at `replicas` (minReplicas: when the job
+    starts; maxReplicas: all the autoscaler may add)."""
     total = _ray_resources(cluster["headGroupSpec"])
     for group in cluster.get("workerGroupSpecs", []):
         for name, amount in _ray_resources(group).items():
-            total[name] = total.get(name, 0) + amount * group.get("minReplicas", 0)
+            total[name] = total.get(name, 0) + amount * group.get(replicas, 0)
     return total
 
 
@@ -379,6 +380,21 @@ def test_gpu_cluster_has_a_cpu_head_and_autoscaling_gpu_workers(rendered):
         assert group["minReplicas"] == 0 < group["maxReplicas"], "GPU workers should scale from zero"
 
 
+def test_ray_jobs_scale_their_workers_from_zero_and_wait_for_them(rendered):
+    """Every RayJob's cluster starts with its head alone: the in-tree autoscaler adds the GPU (small overlay: CPU)
+    workers the driver asks for, and the entrypoint waits a bounded time for them instead of refusing the run."""
+    for name, objects in rendered.items():
+        for job in (o for o in objects if o["kind"] == "RayJob"):
+            where = f"{name} RayJob/{job['metadata']['name']}"
+            cluster = job["spec"]["rayClusterSpec"]
+            assert cluster["enableInTreeAutoscaling"] is True, where
+            groups = cluster["workerGroupSpecs"]
+            assert groups and all(g["minReplicas"] == 0 == g.get("replicas", 0) < g["maxReplicas"] for g in groups)
+            assert 0 < cluster["autoscalerOptions"]["idleTimeoutSeconds"] <= 600, f"{where}: idle nodes cost"
+            _, params = _parse_entrypoint(job["spec"]["entrypoint"])
+            assert 300 <= params["wait_for_resources"] <= 3600, f"{where}: wait for new nodes, but not forever"
+
+
 def test_ray_heads_offer_the_train_driver_resource(rendered):
     """Tune trial drivers reserve TRAIN_DRIVER (tuning/search.py); a head without it refuses every search."""
     from tuning.search import DRIVER_RESOURCE
@@ -430,7 +446,7 @@ def _parse_entrypoint(entrypoint: str) -> tuple[str, dict[str, Any]]:
 
 def test_ray_job_entrypoints_are_real_commands_that_fit_their_cluster(rendered):
     """Each entrypoint parses with the CLI's options, trains against S3, and asks for no more CPUs and GPUs than its
-    cluster has when the job starts: the platform refuses up front what does not fit (it does not wait for nodes)."""
+    cluster can scale to; what its cluster lacks when the job starts, the entrypoint waits for."""
     from mri_platform.config import build_config
     from mri_platform.train import worker_resources
     from tuning.search import _concurrency, build_search
@@ -442,17 +458,21 @@ def test_ray_job_entrypoints_are_real_commands_that_fit_their_cluster(rendered):
             subcommand, params = _parse_entrypoint(job["spec"]["entrypoint"])
             seen.add(subcommand)
             assert str(params["storage"]).startswith("s3://"), f"{where}: checkpoints belong in S3 on a cluster"
-            offered = _job_cluster_resources(job["spec"]["rayClusterSpec"])
+            offered = _job_cluster_resources(job["spec"]["rayClusterSpec"], "maxReplicas")
+            at_start = _job_cluster_resources(job["spec"]["rayClusterSpec"])
             if subcommand == "train":
-                options = ("model", "filters", "epochs", "workers", "gpu", "batch_size", "lr", "precision", "storage")
+                options = ("model", "filters", "epochs", "workers", "gpu", "batch_size", "lr", "precision", "storage",
+                           "wait_for_resources")  # fmt: skip
                 config = build_config(params["preset"], **{k: params[k] for k in options})
                 need = {k: v * config.workers for k, v in worker_resources(config).items()}
                 short = {k: v for k, v in need.items() if offered.get(k, 0) < v}
-                assert not short, f"{where}: needs {need}, its cluster starts with {offered}"
+                assert not short, f"{where}: needs {need}, its cluster scales to {offered}"
+                late = {k: v for k, v in need.items() if at_start.get(k, 0) < v}
+                assert not late or config.wait_for_resources > 0, f"{where}: waits for none of {late}"
             elif subcommand == "tune":
                 sizing = ("samples", "workers_per_trial", "gpus_per_worker", "max_concurrent")
                 search = build_search(params["preset"], **{k: params[k] for k in sizing})
-                overrides = {"workers": search.workers_per_trial}
+                overrides = {"workers": search.workers_per_trial, "wait_for_resources": params["wait_for_resources"]}
                 if search.gpus_per_worker:
                     overrides.update(gpu=True, gpus_per_worker=search.gpus_per_worker)
                 base = build_config(search.train_preset, **overrides)

@@ -174,6 +174,9 @@ def _concurrency(search: SearchConfig, config: TrainConfig, resources: dict[str,
     if search.gpus_per_worker:
         fits.append(int(resources.get("GPU", 0) // (search.workers_per_trial * search.gpus_per_worker)))
     possible = min(fits)
+    if config.wait_for_resources and search.max_concurrent and possible >= 1:
+        # An autoscaling cluster: trials beyond the nodes up now wait for the ones their demand brings.
+        return min(search.max_concurrent, search.samples)
     if possible < 1:
         raise RuntimeError(
             f"one trial needs {cpu_need} CPUs"
@@ -231,10 +234,12 @@ def run_search(
     if resume and not name:
         raise ValueError("--resume needs --name of the sweep to continue")
     name = name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    trial_need = {"CPU": search.workers_per_trial * base.cpus_per_worker, DRIVER_RESOURCE: 1}
-    if search.gpus_per_worker:
-        trial_need["GPU"] = search.workers_per_trial * search.gpus_per_worker
-    resources = init_ray(trial_need, wait_s=base.wait_for_resources, what="one trial")
+    # Waits for one trial's workers (and its driver's slot on the head); an autoscaler is asked for the workers of
+    # --max-concurrent trials. Each worker is its own bundle: no node has a trial's GPUs and the head's slot at once.
+    per_worker = {"CPU": base.cpus_per_worker, "GPU": search.gpus_per_worker}
+    resources = init_ray(per_worker, workers=search.workers_per_trial, wait_s=base.wait_for_resources,
+                         what="one trial", once={DRIVER_RESOURCE: 1},
+                         ask_workers=search.workers_per_trial * (search.max_concurrent or 1))  # fmt: skip
     concurrent = _concurrency(search, base, resources)
 
     uri = tracking.resolve_tracking_uri(base.tracking_uri)
@@ -321,8 +326,8 @@ def _finish(grid, trials, search, base, uri, parent_run_id, registered_model, fi
 
     from mri_platform import tracking
     from mri_platform.checkpoints import FILENAME, load_checkpoint
-    from mri_platform.data import load_splits
     from mri_platform.evaluate import promote, score_model
+    from mri_platform.train import held_out_set
 
     scored = [t for t in trials if not math.isnan(t["psnr"]) and t["checkpoint_path"]]
     summary: dict[str, Any] = {
@@ -345,8 +350,7 @@ def _finish(grid, trials, search, base, uri, parent_run_id, registered_model, fi
     ray.train.Checkpoint(best["checkpoint_path"], filesystem=filesystem).to_directory(str(local))
     model, meta = load_checkpoint(local / FILENAME)
     config = TrainConfig(**{**meta["train"], "noise": meta["noise"], "registered_model": registered_model})
-    _, held_out = load_splits(config.data, planes=config.planes, size=config.size,
-                              test_fraction=config.test_fraction, seed=config.seed)  # fmt: skip
+    held_out = held_out_set(config)
     scores = score_model(model, held_out, config.noise, seed=config.eval_seed)
     best_run = meta["mlflow_run_id"]
     _, version = tracking.log_model(uri, best_run, model, local / FILENAME, scores, config)

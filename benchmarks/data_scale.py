@@ -1,0 +1,133 @@
+"""Driver memory and training speed as the data set grows 10x: Ray Data from S3 against the in-memory path.
+
+Cohorts of N volumes are made from the built-in data's four real volumes (the MNI152 T1 template, nibabel's EPI,
+dipy's b0 and anisotropic EPI) by resampling each copy with random per-axis zooms (0.5-0.8, trilinear) and a random
+left-right flip: resampled real MRI, not new scans. Each cohort is written to a SeaweedFS S3 bucket (and to local
+disk for the in-memory path). Every cell is one `train` run of AE1 in its own driver process (2 workers x 1 CPU,
+the same steps per epoch, so every cell does the same training work): its driver's peak RSS, its images/s (mean
+of the epochs after the first) and its wall time. Run inside a loopback-only namespace:
+
+    scripts/isolated .venv/bin/python benchmarks/data_scale.py --sizes 20,200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import boto3
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from mri_platform import data, services
+
+ONE_RUN = """
+import json, resource, sys, time
+from mri_platform.config import build_config
+from mri_platform.train import fit
+settings = json.loads(sys.argv[1])
+started = time.perf_counter()
+result = fit(build_config(None, **settings))
+print("RESULT " + json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                              "images_per_s": result.metrics["images_per_s"], "psnr": result.metrics["psnr"],
+                              "wall_s": time.perf_counter() - started}))
+"""
+
+
+def make_cohort(n: int, folder: Path, seed: int = 0) -> list[Path]:
+    """n resampled copies of the four real built-in volumes (first 3D volume of each), as .nii.gz."""
+    rng = np.random.default_rng(seed)
+    sources = []
+    for package, relative in (data._MNI, *data._HELD_OUT_VOLUMES):
+        image = nib.as_closest_canonical(nib.load(data._package_file(package, relative)))
+        volume = np.asarray(image.dataobj, dtype=np.float32)
+        sources.append((volume[..., 0] if volume.ndim == 4 else volume, image.affine))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        volume, affine = sources[i % len(sources)]
+        zoom = rng.uniform(0.5, 0.8, 3)
+        zoom[np.array(volume.shape) < 16] = 1.0  # keep thin slabs' few slices
+        resampled = ndimage.zoom(volume, zoom, order=1)
+        if rng.random() < 0.5:
+            resampled = resampled[::-1]
+        scaled = affine @ np.diag([*(1 / zoom), 1.0])
+        path = folder / f"vol{i:04d}.nii.gz"
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(resampled), scaled), path)
+        paths.append(path)
+    return paths
+
+
+def run(settings: dict, env: dict) -> dict:
+    done = subprocess.run([sys.executable, "-c", ONE_RUN, json.dumps(settings)], env=env, capture_output=True,
+                          text=True, timeout=1800)  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"run failed ({done.returncode}): {done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="20,200", help="cohort sizes in volumes, smallest first")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30, help="optimiser steps per epoch (global batch 32)")
+    parser.add_argument("--paths", default="ray-data,memory")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="data-scale-"))
+    s3 = services.start_seaweedfs(work / "s3")
+    try:
+        env = {**os.environ, "AWS_ENDPOINT_URL": s3.url, "AWS_ACCESS_KEY_ID": s3.extra["access_key"],
+               "AWS_SECRET_ACCESS_KEY": s3.extra["secret_key"], "AWS_DEFAULT_REGION": "us-east-1",
+               "MRI_PLATFORM_HOME": str(work / "state")}  # fmt: skip
+        client = boto3.client("s3", endpoint_url=s3.url, aws_access_key_id=s3.extra["access_key"],
+                              aws_secret_access_key=s3.extra["secret_key"], region_name="us-east-1")  # fmt: skip
+        rows = []
+        for n in sizes:
+            started = time.perf_counter()
+            paths = make_cohort(n, work / f"cohort{n}")
+            for path in paths:
+                client.upload_file(str(path), s3.extra["bucket"], f"cohort{n}/{path.name}")
+            megabytes = sum(p.stat().st_size for p in paths) / 2**20
+            print(f"cohort of {n} volumes: {megabytes:.0f} MB gzipped, made and uploaded in "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+            for loading in args.paths.split(","):
+                source = f"s3://{s3.extra['bucket']}/cohort{n}" if loading == "ray-data" else str(work / f"cohort{n}")
+                settings = {"model": "ae1", "epochs": args.epochs, "steps_per_epoch": args.steps, "workers": 2,
+                            "data": source, "loading": loading, "registered_model": "",
+                            "tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+                            "storage": str(work / "ckpt")}  # fmt: skip
+                result = run(settings, env)
+                rows.append({"volumes": n, "loading": loading, **result})
+                print(rows[-1], flush=True)
+    finally:
+        services.stop(s3, timeout=3)
+
+    print(f"\n{'volumes':>7} {'path':>9} {'driver peak RSS MB':>18} {'img/s':>7} {'wall s':>7} {'PSNR dB':>8}")
+    for r in rows:
+        print(
+            f"{r['volumes']:7d} {r['loading']:>9} {r['rss_mb']:18.0f} {r['images_per_s']:7.0f} {r['wall_s']:7.0f} "
+            f"{r['psnr']:8.2f}"
+        )
+    for loading in args.paths.split(","):
+        cells = [r for r in rows if r["loading"] == loading]
+        if len(cells) >= 2:
+            print(f"{loading}: driver peak RSS x{cells[-1]['rss_mb'] / cells[0]['rss_mb']:.2f} for "
+                  f"{cells[-1]['volumes'] / cells[0]['volumes']:.0f}x the volumes")  # fmt: skip
+    for n in sizes:
+        by = {r["loading"]: r for r in rows if r["volumes"] == n}
+        if {"ray-data", "memory"} <= by.keys():
+            ratio = by["ray-data"]["images_per_s"] / by["memory"]["images_per_s"]
+            print(f"{n} volumes: Ray Data / in-memory training img/s = {ratio:.0%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Training data read with Ray Data, for cohorts the driver could not hold (`--loading ray-data`).
+
+The driver only lists the files (on local disk, or `s3://bucket/prefix` on any S3 endpoint named by the usual AWS
+variables) and splits them by file, that is by volume or patient, before anything is read or augmented. Ray Data
+tasks then read the files in parallel across the cluster and slice, normalise and resize them with the in-memory
+path's own code (`data.file_slices`); the slices stay in Ray's object store, spread over the nodes that read them.
+Each Train worker streams its shard (`ray.train.get_dataset_shard`) and cuts its random views with the same
+`pipeline.SliceDataset`, feeding the same `steps.run_epoch`.
+
+The driver holds file names and at most `HELD_OUT_SAMPLE` held-out slices, which it scores the best checkpoint on;
+the workers validate every epoch on the same sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+
+from mri_platform.data import IMAGE_SUFFIXES, NIFTI_SUFFIXES, DataError, SliceSet, file_slices, pack
+from mri_platform.pipeline import SliceDataset
+
+HELD_OUT_SAMPLE = 512
+"""Held-out slices (the first by name) that workers validate on each epoch and the driver scores at the end: the
+driver's memory stays bounded whatever the cohort's size."""
+
+
+def uses_ray_data(loading: str, data: str | None) -> bool:
+    """'auto' keeps the built-in data in memory (small, and faster so: see the README) and streams every other
+    source with Ray Data; an s3:// source can only be streamed."""
+    if loading == "auto":
+        return not (data is None or data == "builtin")
+    return loading == "ray-data"
+
+
+def s3_filesystem():
+    """pyarrow's S3FileSystem for any S3 endpoint ($AWS_ENDPOINT_URL(_S3), the usual AWS variables), with the
+    timeouts and retries of checkpoint storage (:mod:`mri_platform.storage`)."""
+    from mri_platform.storage import RetryingS3FileSystem, s3_options
+
+    return RetryingS3FileSystem(**s3_options())
+
+
+def _filesystem(data: str):
+    """(pyarrow filesystem, root path on it) of a local path or an s3:// URL."""
+    import pyarrow.fs
+
+    if data.startswith("s3://"):
+        return s3_filesystem(), data.removeprefix("s3://").rstrip("/")
+    return pyarrow.fs.LocalFileSystem(), os.path.abspath(data)
+
+
+@dataclass
+class FileSplit:
+    """The training and held-out files of a source, split by file before anything is read."""
+
+    train: list[str]
+    """Paths on `filesystem` (bucket/key on S3)."""
+    held_out: list[str]
+    labels: dict[str, str]
+    """Path -> short label (relative to the source's root): the group and the prefix of each slice's name."""
+    filesystem: Any
+    source: str
+    """e.g. "nifti:s3://bucket/cohort" or "folder:/data/kaggle"."""
+
+    def fingerprint(self) -> str:
+        """Short hash of the training files' labels: the data version a run records without reading the files."""
+        digest = hashlib.sha256()
+        for path in self.train:
+            digest.update(f"{self.labels[path]}\n".encode())
+        return digest.hexdigest()[:12]
+
+
+def list_files(data: str) -> tuple[list[str], dict[str, str], Any, str]:
+    """(paths, labels, filesystem, source) of the files a source names: JPEG/PNG where a folder holds any, else
+    NIfTI volumes (the in-memory path's rule), searched recursively, hidden files left out."""
+    import pyarrow.fs
+
+    filesystem, root = _filesystem(data)
+    info = filesystem.get_file_info(root)
+    if info.type == pyarrow.fs.FileType.File:
+        infos, base = [info], str(PurePosixPath(root).parent)
+    elif info.type == pyarrow.fs.FileType.Directory:
+        infos, base = filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)), root
+    else:
+        raise DataError(f"{data} does not exist; pass a folder (or s3://bucket/prefix) of NIfTI volumes or images")
+    files = [
+        i.path
+        for i in infos
+        if i.type == pyarrow.fs.FileType.File
+        and not any(part.startswith(".") for part in PurePosixPath(i.path).relative_to(base).parts)
+    ]
+    images = sorted(p for p in files if p.lower().endswith(IMAGE_SUFFIXES))
+    volumes = sorted(p for p in files if p.lower().endswith(NIFTI_SUFFIXES))
+    chosen = images or volumes
+    if not chosen:
+        raise DataError(
+            f"no NIfTI volumes (.nii, .nii.gz) or images ({', '.join(IMAGE_SUFFIXES)}) found in {data} "
+            f"({len(files)} other files)"
+        )
+    labels = {p: str(PurePosixPath(p).relative_to(base)) for p in chosen}
+    return chosen, labels, filesystem, f"{'folder' if images else 'nifti'}:{data}"
+
+
+def _digest(row: dict[str, Any]) -> dict[str, Any]:
+    return {"path": row["path"], "digest": hashlib.sha256(row["bytes"]).hexdigest()}
+
+
+def _unique(paths: list[str], filesystem) -> list[str]:
+    """`paths` without byte-identical copies (the Kaggle archive ships its images twice), so that no image lands on
+    both sides of the split; hashed in Ray Data tasks, only the digests come back."""
+    import ray.data
+
+    ds = ray.data.read_binary_files(paths, filesystem=filesystem, include_paths=True)
+    seen: dict[str, str] = {}
+    for row in sorted(ds.map(_digest).take_all(), key=lambda r: r["path"]):
+        seen.setdefault(row["digest"], row["path"])
+    kept = set(seen.values())
+    if len(kept) < len(paths):
+        print(f"skipped {len(paths) - len(kept)} exact duplicate file(s)", flush=True)
+    return [p for p in paths if p in kept]
+
+
+def split_files(data: str, test_fraction: float = 0.2, seed: int = 0) -> FileSplit:
+    """Training and held-out files, one group per file, by `data.split_by_group`'s rule with every file counted
+    once (nothing is read to count slices): groups shuffled with `seed`, moved to held out until it holds at least
+    `test_fraction` of the files, at least one on each side."""
+    paths, labels, filesystem, source = list_files(data)
+    if source.startswith("folder:"):
+        paths = _unique(paths, filesystem)
+    if len(paths) < 2:
+        raise DataError(
+            f"cannot split {source}: it holds one usable file. The split is by volume or patient so that no scan is "
+            "both trained on and tested; provide at least two files."
+        )
+    by_label = sorted(paths, key=lambda p: labels[p])
+    order = np.random.default_rng(seed).permutation(len(by_label))
+    n_test = min(len(by_label) - 1, max(1, int(np.ceil(test_fraction * len(by_label)))))
+    held = {by_label[i] for i in order[:n_test]}
+    return FileSplit(
+        train=[p for p in paths if p not in held],
+        held_out=[p for p in paths if p in held],
+        labels=labels,
+        filesystem=filesystem,
+        source=source,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- Ray Data tasks
+class _Slicer:
+    """A Ray Data task's work on one file: its usable slices as rows (float32 pixels as bytes, with their shape,
+    so that slices of any size share one column)."""
+
+    def __init__(self, labels: dict[str, str], planes: tuple[str, ...], size: int | str) -> None:
+        self.labels, self.planes, self.size = labels, planes, size
+
+    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        label = self.labels[row["path"]]
+        names, images, skipped = file_slices(row["bytes"], label, planes=self.planes, size=self.size)
+        if skipped:
+            print(f"skipped {row['path']}: {skipped}", file=sys.stderr, flush=True)
+        return [
+            {"name": name, "group": label, "pixels": image.astype(np.float32).tobytes(),
+             "height": image.shape[0], "width": image.shape[1]}
+            for name, image in zip(names, images, strict=True)
+        ]  # fmt: skip
+
+
+def read_slices(paths: list[str], split: FileSplit, planes: tuple[str, ...], size: int | str):
+    """A lazy Ray Data dataset of the slices of `paths`: one read task per file, slicing in the same task."""
+    import ray.data
+
+    ds = ray.data.read_binary_files(
+        paths, filesystem=split.filesystem, include_paths=True, override_num_blocks=len(paths)
+    )
+    return ds.flat_map(_Slicer({p: split.labels[p] for p in paths}, tuple(planes), size))
+
+
+def images_of(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The (H, W) float32 slices of a batch of rows (read-only views of the batch's bytes)."""
+    return [
+        np.frombuffer(pixels, dtype=np.float32).reshape(int(h), int(w))
+        for pixels, h, w in zip(batch["pixels"], batch["height"], batch["width"], strict=True)
+    ]
+
+
+def slice_set(batches: list[dict[str, np.ndarray]], source: str) -> SliceSet:
+    """Rows gathered from a dataset as a SliceSet ordered by slice name, whatever order the blocks came in."""
+    names = [str(n) for b in batches for n in b["name"]]
+    groups = [str(g) for b in batches for g in b["group"]]
+    images = [image for b in batches for image in images_of(b)]
+    order = np.argsort(names, kind="stable")
+    return SliceSet(pack([images[i] for i in order]), np.array([groups[i] for i in order], dtype=str),
+                    [names[i] for i in order], source)  # fmt: skip
+
+
+@dataclass
+class Streamed:
+    """A source read by Ray Data for one run: what the driver passes the trainer and records."""
+
+    train: Any
+    """ray.data.MaterializedDataset of the training files' slices, in the object store."""
+    held_out: Any
+    """The first `HELD_OUT_SAMPLE` held-out slices by name, materialized."""
+    n_train: int
+    split: FileSplit
+
+    def held_out_set(self) -> SliceSet:
+        return slice_set(list(self.held_out.iter_batches(batch_size=256, batch_format="numpy")), self.split.source)
+
+
+def prepare(data: str, *, planes: tuple[str, ...], size: int | str, test_fraction: float, seed: int) -> Streamed:
+    """Split `data`'s files, then read and slice them in Ray Data tasks on the whole cluster (before the Train
+    workers take their CPUs), keeping the slices in the object store: the driver gets references only."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()  # travels with the datasets, to the workers' split coordinator
+    context.enable_progress_bars = False  # a bar per dataset and epoch floods the log; the epoch line says enough
+    split = split_files(data, test_fraction, seed)
+    train = read_slices(split.train, split, planes, size).materialize()
+    n_train = train.count()
+    if n_train == 0:
+        raise DataError(
+            f"no usable slices in the {len(split.train)} training files of {split.source}; the workers' log lines "
+            "'skipped PATH: why' say what was wrong with each"
+        )
+    held_out = read_slices(split.held_out, split, planes, size).sort("name").limit(HELD_OUT_SAMPLE).materialize()
+    if held_out.count() == 0:
+        raise DataError(f"no usable slices in the {len(split.held_out)} held-out files of {split.source}")
+    return Streamed(train, held_out, n_train, split)
+
+
+def prepare_held_out(data: str, *, planes: tuple[str, ...], size: int | str, test_fraction: float, seed: int
+                     ) -> SliceSet:  # fmt: skip
+    """The held-out sample `prepare` gives a run of the same settings, read alone: what a search scores its best
+    trial on."""
+    split = split_files(data, test_fraction, seed)
+    held_out = read_slices(split.held_out, split, planes, size).sort("name").limit(HELD_OUT_SAMPLE)
+    return slice_set(list(held_out.iter_batches(batch_size=256, batch_format="numpy")), split.source)
+
+
+# ----------------------------------------------------------------------------------------------- on the worker
+class ShardLoader:
+    """One Train worker's batches from its Ray Data shard: exactly `steps` per epoch (the shard is read again where
+    it runs out, so every rank steps alike), each item a random view by `pipeline.SliceDataset`. What
+    `steps.run_epoch` iterates in place of a DataLoader; batches are (n, 1, P, P) CPU tensors."""
+
+    sampler = None  # no DistributedSampler: Ray Data shards the rows
+
+    def __init__(self, shard, batch_size: int, steps: int, *, rows: int, augment: bool, patch: int | None,
+                 intensity: bool) -> None:  # fmt: skip
+        self.shard, self.batch_size, self.steps = shard, batch_size, steps
+        self.drop_last = rows >= batch_size  # a shard smaller than a batch still gives one
+        self.views = {"augment": augment, "patch": patch, "intensity": intensity}
+        self.shuffle_buffer = max(batch_size, min(rows, 1024))
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        done = 0
+        seed = int(torch.randint(2**31 - 1, ()))  # run_epoch seeds torch per (seed, epoch, rank)
+        while done < self.steps:
+            before = done
+            for batch in self.shard.iter_batches(
+                batch_size=self.batch_size, batch_format="numpy", drop_last=self.drop_last,
+                local_shuffle_buffer_size=self.shuffle_buffer, local_shuffle_seed=seed + done,
+            ):  # fmt: skip
+                views = SliceDataset(pack(images_of(batch)), self.views["augment"], patch=self.views["patch"],
+                                     intensity=self.views["intensity"])  # fmt: skip
+                yield torch.stack([views[i] for i in range(len(views))])
+                done += 1
+                if done == self.steps:
+                    return
+            if done == before:
+                raise RuntimeError("this worker's Ray Data shard is empty: fewer training slices than workers")

@@ -39,6 +39,8 @@ bench: $(STAMP)
 	$(ISOLATED) $(VENV)/bin/python benchmarks/report_table.py
 	$(ISOLATED) $(VENV)/bin/python benchmarks/tune_asha.py
 	$(ISOLATED) $(VENV)/bin/python benchmarks/serve_throughput.py
+	$(ISOLATED) $(VENV)/bin/python benchmarks/serve_hostile.py
+	$(ISOLATED) $(VENV)/bin/python benchmarks/serve_soak.py
 	$(ISOLATED) $(VENV)/bin/python benchmarks/data_scale.py
 
 clean:

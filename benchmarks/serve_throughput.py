@@ -1,9 +1,10 @@
-"""Serving throughput: a real `bentoml serve` of AE1 and AE2 under closed-loop load, adaptive batching on vs off.
+"""Serving throughput: a real `bentoml serve` of AE1 and AE2 under closed-loop load, adaptive batching on vs off,
+JSON vs .npy bodies.
 
 Each model is registered in a temporary sqlite MLflow registry, imported into a temporary BentoML store the way
-`mri-platform build` does it, and served (one server at a time) with MRI_SERVICE_BATCHING=on, then off. A closed
-loop of 1, 8, 32 and 64 clients (threads with keep-alive connections) posts one 64x64 slice per request to
-/denoise; each level warms up, then runs until --requests answers or --seconds, whichever comes first. The batch
+`mri-platform build` does it, and served (one server at a time) per --modes: MRI_SERVICE_BATCHING=on with JSON
+bodies, off with JSON, and on with .npy bodies (application/x-npy, service/binary.py). A closed loop of 1, 8, 32
+and 64 clients (threads with keep-alive connections) posts one 64x64 slice per request to /denoise; each level warms up, then runs until --requests answers or --seconds, whichever comes first. The batch
 sizes that formed come from the server's Prometheus histogram (before/after each level). With no server running,
 the same `Denoiser` the service runs is then timed in this process at those batch sizes: the ceiling.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import io
 import json
 import os
 import re
@@ -40,6 +42,8 @@ TARGET = "service.service:MRIDenoiser"
 BATCH_METRIC = "bentoml_service_adaptive_batch_size"
 """BentoML's histogram of requests merged per batch (observed once per batch; here 1 request = 1 slice)."""
 REGISTERED = "mri-denoiser"
+NPY = "application/x-npy"
+"""/denoise's binary transport (service/binary.py)."""
 OTHER_CPU_WARNING = 0.2
 """Cores used by other processes during a level above which the report warns that the figures are distorted."""
 TIMEOUT_S = 30.0
@@ -212,9 +216,11 @@ class _Budget:
             return True
 
 
-def _client(host: str, port: int, body: bytes, budget: _Budget, out: list[tuple[float, int]]) -> None:
+def _client(
+    host: str, port: int, body: bytes, budget: _Budget, out: list[tuple[float, int]], content_type: str
+) -> None:
     """One closed-loop client: a keep-alive connection, the next request as soon as the answer is read."""
-    headers = {"Content-Type": "application/json", "Connection": "keep-alive"}
+    headers = {"Content-Type": content_type, "Connection": "keep-alive"}
     conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT_S)
     while budget.take():
         started = time.perf_counter()
@@ -231,13 +237,15 @@ def _client(host: str, port: int, body: bytes, budget: _Budget, out: list[tuple[
     conn.close()
 
 
-def drive(url: str, body: bytes, concurrency: int, seconds: float, requests: int) -> tuple[list, float, float]:
+def drive(
+    url: str, body: bytes, concurrency: int, seconds: float, requests: int, content_type: str = "application/json"
+) -> tuple[list, float, float]:
     """Run `concurrency` closed-loop clients; returns ([(latency s, status)], wall s, this process's CPU s)."""
     host, port = url.removeprefix("http://").split(":")
     budget = _Budget(requests, seconds)
     results: list[list[tuple[float, int]]] = [[] for _ in range(concurrency)]
     threads = [
-        threading.Thread(target=_client, args=(host, int(port), body, budget, results[i]), daemon=True)
+        threading.Thread(target=_client, args=(host, int(port), body, budget, results[i], content_type), daemon=True)
         for i in range(concurrency)
     ]
     cpu, started = time.process_time(), time.perf_counter()
@@ -249,22 +257,32 @@ def drive(url: str, body: bytes, concurrency: int, seconds: float, requests: int
     return [r for per_client in results for r in per_client], wall, cpu
 
 
-def check_answer(url: str, body: bytes) -> None:
+def check_answer(url: str, body: bytes, content_type: str = "application/json") -> None:
     """One request decoded in full: the load itself only counts status codes."""
-    request = urllib.request.Request(f"{url}/denoise", body, {"Content-Type": "application/json"})
+    request = urllib.request.Request(f"{url}/denoise", body, {"Content-Type": content_type})
     with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-        shape = np.asarray(json.load(response), dtype=np.float32).shape
+        content = response.read()
+    if content_type == NPY:
+        shape = np.load(io.BytesIO(content), allow_pickle=False).shape
+    else:
+        shape = np.asarray(json.loads(content), dtype=np.float32).shape
     if shape != (1, 64, 64):
         raise RuntimeError(f"/denoise answered shape {shape}, expected (1, 64, 64)")
 
 
 def run_level(
-    server: services.Service, model: str, batching: str, body: bytes, concurrency: int, args: argparse.Namespace
+    server: services.Service,
+    model: str,
+    batching: str,
+    body: bytes,
+    concurrency: int,
+    args: argparse.Namespace,
+    content_type: str = "application/json",
 ) -> Level:
     """Warm up (unmeasured: the dispatcher trains its latency model on the first batches), then measure."""
-    drive(server.url, body, concurrency, args.warmup, 10**9)
+    drive(server.url, body, concurrency, args.warmup, 10**9, content_type)
     before, server_cpu, busy = batch_histogram(server.url), tree_cpu(server.pid), busy_cpu()
-    results, wall, client_cpu = drive(server.url, body, concurrency, args.seconds, args.requests)
+    results, wall, client_cpu = drive(server.url, body, concurrency, args.seconds, args.requests, content_type)
     server_cpu, busy = tree_cpu(server.pid) - server_cpu, busy_cpu() - busy
     after = batch_histogram(server.url)
     ok = np.array([latency for latency, status in results if status == 200]) * 1000
@@ -323,7 +341,7 @@ def in_process(checkpoint: Path, batch_sizes: list[int], seconds: float) -> dict
 
 def print_tables(levels: list[Level], servers: list[Server]) -> None:
     header = (
-        "| model | concurrency | batching | req/s | p50 ms | p99 ms | errors | mean batch "
+        "| model | concurrency | mode | req/s | p50 ms | p99 ms | errors | mean batch "
         "| in-process img/s at that batch | served/ceiling % | client CPU | server CPU | other CPU |"
     )
     for model in dict.fromkeys(level.model for level in levels):
@@ -347,6 +365,16 @@ def print_tables(levels: list[Level], servers: list[Server]) -> None:
         if (64, "on") in by:
             top = by[(64, "on")]
             summary.append(f"served/ceiling at concurrency 64 (on): {100 * top.rps / top.ceiling_ips:.0f} %")
+        if (64, "npy") in by:
+            top = by[(64, "npy")]
+            summary.append(f"served/ceiling at concurrency 64 (npy): {100 * top.rps / top.ceiling_ips:.0f} %")
+            if (64, "on") in by:
+                summary.append(f".npy against JSON at concurrency 64: {top.rps / by[(64, 'on')].rps:.2f}x")
+        if (32, "npy") in by and (32, "off") in by:
+            npy, off = by[(32, "npy")], by[(32, "off")]
+            summary.append(
+                f"batched .npy against unbatched JSON at 32: {npy.rps / off.rps:.2f}x, p99 {npy.p99_ms:.0f} ms"
+            )
         if summary:
             print(f"\n{model.upper()}: " + "; ".join(summary))
     print("\n| model | batching | ready s | RSS MB (tree) | PSS MB (tree) | processes |\n|---|---|---|---|---|---|")
@@ -355,23 +383,27 @@ def print_tables(levels: list[Level], servers: list[Server]) -> None:
 
 
 def measure_model(
-    name: str, tag: str, checkpoint: Path, body: bytes, folder: Path, args: argparse.Namespace
+    name: str, tag: str, checkpoint: Path, bodies: dict[str, bytes], folder: Path, args: argparse.Namespace
 ) -> tuple[list[Level], list[Server], dict[int, float]]:
-    """Every level against a server with batching on, then off; then the in-process ceiling, with no server up."""
+    """Every level against a server per mode (batching on with JSON, off with JSON, on with .npy bodies); then the
+    in-process ceiling, with no server up."""
     levels, servers = [], []
-    for batching in ("on", "off"):
-        with serve(tag, batching, folder / f"serve-{name}-{batching}", folder / "bentoml") as (server, ready):
-            check_answer(server.url, body)
+    for mode in args.modes:
+        batching = "off" if mode == "off" else "on"
+        content_type = NPY if mode == "npy" else "application/json"
+        body = bodies[content_type]
+        with serve(tag, batching, folder / f"serve-{name}-{mode}", folder / "bentoml") as (server, ready):
+            check_answer(server.url, body, content_type)
             for concurrency in args.concurrency:
-                level = run_level(server, name, batching, body, concurrency, args)
+                level = run_level(server, name, mode, body, concurrency, args, content_type)
                 levels.append(level)
                 batch = f"{level.mean_batch:.1f}" if level.mean_batch is not None else "-"
                 print(
-                    f"{name} batching={batching} c={concurrency}: {level.rps:.0f} req/s, p99 {level.p99_ms:.0f} ms, "
+                    f"{name} mode={mode} c={concurrency}: {level.rps:.0f} req/s, p99 {level.p99_ms:.0f} ms, "
                     f"{level.errors} errors, mean batch {batch}, other CPU {level.other_cpu:.2f}",
                     flush=True,
                 )
-            servers.append(Server(name, batching, ready, *tree_memory(server.pid)))
+            servers.append(Server(name, mode, ready, *tree_memory(server.pid)))
     for level in levels:
         level.ceiling_batch = max(1, round(level.mean_batch)) if level.mean_batch is not None else 1
     sizes = sorted({1, 8, 32, 64, *(level.ceiling_batch for level in levels)})
@@ -396,11 +428,20 @@ def main() -> None:
     parser.add_argument(
         "--ceiling-seconds", type=float, default=2.5, help="time per in-process batch size (best of 5 rounds)"
     )
+    parser.add_argument(
+        "--modes",
+        default="on,off,npy",
+        type=lambda v: [m.strip() for m in v.split(",")],
+        help="servers to measure: 'on' (batching, JSON), 'off' (no batching, JSON), 'npy' (batching, .npy bodies)",
+    )
     parser.add_argument("--json", type=Path, help="write every measurement here")
     args = parser.parse_args()
     began = time.perf_counter()
     slice_ = np.random.default_rng(0).random((1, 64, 64), dtype=np.float32)
     body = json.dumps({"slices": np.round(slice_, 4).tolist()}).encode()  # one slice per request, sent every time
+    buffer = io.BytesIO()
+    np.save(buffer, slice_, allow_pickle=False)
+    bodies = {"application/json": body, NPY: buffer.getvalue()}
 
     levels: list[Level] = []
     servers: list[Server] = []
@@ -412,7 +453,7 @@ def main() -> None:
         os.environ["BENTOML_DO_NOT_TRACK"] = "true"
         prepared = prepare_models(args.models, folder)
         for name, (tag, checkpoint) in prepared.items():
-            model_levels, model_servers, ceilings[name] = measure_model(name, tag, checkpoint, body, folder, args)
+            model_levels, model_servers, ceilings[name] = measure_model(name, tag, checkpoint, bodies, folder, args)
             levels += model_levels
             servers += model_servers
 

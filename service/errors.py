@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -121,17 +122,27 @@ async def check_form(input_spec: Any, request: Request) -> None:
             raise InputError(f"`{name}` must be a plain form field, got a file; this API takes files in {named}")
 
 
-def install() -> None:
-    """Route refusals around BentoML's exception logging (see the module's docstring). Idempotent."""
+def install(binary: dict[str, Callable[[Any], Any]] | None = None) -> None:
+    """Route refusals around BentoML's exception logging (see the module's docstring). Idempotent.
+
+    ``binary`` maps an API's name to the validator of its slices: that API also takes a ``.npy`` body
+    (:mod:`service.binary`)."""
     from _bentoml_impl.server.app import ServiceAppFactory  # BentoML 1.4's server; no public hook for this
+
+    from service import binary as npy
 
     original = ServiceAppFactory.api_endpoint
     if getattr(original, "refusals_installed", False):
         return
+    binary = dict(binary or {})
 
     @functools.wraps(original)
     async def api_endpoint(self: Any, name: str, request: Request) -> Any:
         try:
+            if name in binary:
+                media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+                if media_type in npy.NPY_TYPES:
+                    return await npy.answer(self, name, request, binary[name])
             await check_form(self.service.apis[name].input_spec, request)
             return await original(self, name, request)
         except Exception as exc:

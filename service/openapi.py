@@ -17,6 +17,11 @@ from service.errors import ERROR_SCHEMA
 
 BUSY = ("denoise_volume", "denoise_image", "preview")
 """APIs that answer 503 besides the batched ones: their lanes are small and their work is bounded in time."""
+BINARY = {
+    "denoise": "NumPy .npy (np.save, no pickles): (N, H, W) or (H, W) float32 in [0, 1] or uint8; the answer is "
+    "(N, H, W) float32 as .npy"
+}
+"""APIs that also take and give .npy bodies (service.binary)."""
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
 BENTOML_ERRORS = ("InvalidArgument", "NotFound", "InternalServerError")  # its components, replaced by Error
 STATUSES = {
@@ -43,6 +48,10 @@ def fix_spec(spec: dict[str, Any], batched: set[str]) -> dict[str, Any]:
             if name is None:
                 continue  # BentoML's health and metrics endpoints
             responses = {code: answer for code, answer in operation["responses"].items() if code.startswith("2")}
+            if name in BINARY:  # service.binary: the same API with .npy bodies each way
+                npy = {"schema": {"type": "string", "format": "binary", "description": BINARY[name]}}
+                operation.get("requestBody", {}).get("content", {})["application/x-npy"] = npy
+                responses.get("200", {}).get("content", {})["application/x-npy"] = npy
             for status, description in STATUSES.items():
                 if status != 503 or name in batched or name in BUSY:
                     responses[str(status)] = {

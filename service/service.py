@@ -460,7 +460,7 @@ class MRIDenoiser:
         )
 
 
-errors.install()  # refusals answered without a traceback, bugs with one (service/errors.py)
+errors.install(binary={"denoise": _valid_slices})  # refusals without a traceback; /denoise takes .npy too
 MRIDenoiser.add_asgi_middleware(errors.Refusals)  # first, so outermost: it logs admission's 408/413/503 too
 MRIDenoiser.add_asgi_middleware(Admission, settings=SETTINGS.admission, lanes=LANES)
 MRIDenoiser.add_asgi_middleware(OpenAPIErrors, batched=[n for n, api in MRIDenoiser.apis.items() if api.batchable])

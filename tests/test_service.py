@@ -543,6 +543,34 @@ def test_the_python_client_round_trips_and_reports_errors(bento_server, held_out
     assert caught.value.status == 400 and "not an image" in caught.value.message
 
 
+def test_denoise_takes_npy_bodies_and_refuses_what_is_not_one(bento_server, held_out):
+    def post(body: bytes) -> tuple[int, bytes]:
+        request = urllib.request.Request(f"{bento_server.url}/denoise", body, {"Content-Type": "application/x-npy"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                assert response.headers["Content-Type"] == "application/x-npy"
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def npy(array: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        return buffer.getvalue()
+
+    noisy = _noisy(held_out[:3])
+    status, body = post(npy(noisy))
+    assert status == 200
+    np.testing.assert_allclose(np.load(io.BytesIO(body)), _denoise(bento_server.url, noisy), atol=1e-6)
+    pixels = np.round(noisy[0] * 255).astype(np.uint8)  # uint8 is taken as 0-255
+    status, body = post(npy(pixels))
+    assert status == 200 and np.load(io.BytesIO(body)).shape == (1, 64, 64)
+    for bad, says in ((b"not numpy", "not a NumPy .npy"), (npy(np.array([{"a": 1}], dtype=object)), "readable"),
+                      (npy(noisy.astype(np.int64)), "dtype int64"), (npy(noisy[0, 0]), "shape")):  # fmt: skip
+        status, body = post(bad)
+        assert status == 400 and says in json.loads(body)["error"], body
+
+
 @pytest.mark.slow
 def test_mri_platform_serve_serves_the_latest_bento_on_the_port_asked(built_bento, tmp_path):
     import os

@@ -59,6 +59,17 @@ def describe_failure(worker_exceptions: dict[int, BaseException]) -> str:
     return f"{what} on worker {rank}: {first.strip()[:160]}"
 
 
+HANDLED_FAILURE_LOGGERS = ("ray.train.v2._internal.callbacks.backend_setup",)
+"""Ray Train loggers that print a whole traceback for a failure the controller then handles by restarting the
+workers ("Graceful shutdown of backend failed. This is expected if one of the workers has crashed.", with the lost
+worker's ActorDiedError); `EpochRecorder.after_exception` says it in one line instead."""
+
+
+def quiet_handled_failures() -> None:
+    for name in HANDLED_FAILURE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 class EpochRecorder(ray.train.UserCallback):
     """On the Ray Train controller: logs each registered epoch's metrics to MLflow once, and tells a handled failure.
 
@@ -78,17 +89,6 @@ class EpochRecorder(ray.train.UserCallback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         quiet_handled_failures()  # unpickled on the controller: its loggers are the ones to quiet
-
-
-HANDLED_FAILURE_LOGGERS = ("ray.train.v2._internal.callbacks.backend_setup",)
-"""Ray Train loggers that print a whole traceback for a failure the controller then handles by restarting the
-workers ("Graceful shutdown of backend failed. This is expected if one of the workers has crashed.", with the lost
-worker's ActorDiedError); `EpochRecorder.after_exception` says it in one line instead."""
-
-
-def quiet_handled_failures() -> None:
-    for name in HANDLED_FAILURE_LOGGERS:
-        logging.getLogger(name).setLevel(logging.CRITICAL)
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         epoch_metrics = metrics[0]

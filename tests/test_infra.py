@@ -54,6 +54,11 @@ SECRETS = {
     "mri-platform-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
     "mri-platform-db": {"MLFLOW_BACKEND_STORE_URI", "POSTGRES_PASSWORD"},
     "mri-platform-ray-auth": {"auth_token"},
+    "mri-platform-mlflow-auth": {
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    },
 }
 """The Secrets an operator creates (infra/README.md says how); manifests may refer to no other."""
 SECRET_NAME = re.compile(r"KEY|PASSWORD|TOKEN|SECRET|CREDENTIAL", re.IGNORECASE)
@@ -478,6 +483,7 @@ def test_ray_pods_set_only_variables_the_code_reads(rendered):
             if obj["kind"] not in RAY_KINDS or where.endswith("ray-job-submitter"):
                 continue
             names = _env_names(container, objects)
+            names -= {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}  # MLflow's client reads the login
             assert names - reads == set(), f"{name} {where} sets variables no code reads: {names - reads}"
             assert {"MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= names, f"{name} {where}"
             uri = _env_value(container, "MLFLOW_TRACKING_URI", objects)

@@ -162,7 +162,9 @@ def test_a_second_up_finds_the_running_stack(platform: dict) -> None:
 
 
 @pytest.mark.slow
-def test_a_training_job_submitted_to_the_stack_lands_in_its_mlflow_and_s3(platform: dict) -> None:
+def test_a_training_job_submitted_to_the_stack_lands_in_its_mlflow_and_s3(
+    platform: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The README's journey: `ray job submit` a real training run; it logs, registers and checkpoints on the stack."""
     from mlflow import MlflowClient
 
@@ -179,6 +181,8 @@ def test_a_training_job_submitted_to_the_stack_lands_in_its_mlflow_and_s3(platfo
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "epoch   2/2" in done.stdout
 
+    for name, value in info["mlflow_env"].items():  # the login, as `stack status` hands it out
+        monkeypatch.setenv(name, value)
     client = MlflowClient(tracking_uri=info["mlflow"], registry_uri=info["mlflow"])
     [run] = client.search_runs(
         [e.experiment_id for e in client.search_experiments()], "attributes.run_name = 'stack-journey'"

@@ -79,7 +79,12 @@ def _serve(registered_model: str, uri: str) -> dict:
         status = stack.up(("mlflow", "bento"), backend_store_uri=uri, bento=bento["bento"], progress=print)
     except stack.StackError as exc:  # a port taken, say: the training results are kept all the same
         return {"bento": bento["bento"], "error": str(exc)}
-    return {"bento": bento["bento"], "mlflow": status["mlflow"], "endpoint": status["bento"]}
+    return {
+        "bento": bento["bento"],
+        "mlflow": status["mlflow"],
+        "mlflow_password_file": status["mlflow_password_file"],
+        "endpoint": status["bento"],
+    }
 
 
 def _print_summary(summary: dict, out) -> None:
@@ -119,6 +124,8 @@ def _print_summary(summary: dict, out) -> None:
     if served and not served.get("error"):
         endpoint = served["endpoint"]
         print(f"  MLflow UI:    {served['mlflow']}   (runs, metrics, figures, the registry)")
+        if served.get("mlflow_password_file"):
+            print(f"                login mri-platform, password in {served['mlflow_password_file']}")
         print(f"  web page:     {endpoint}/ui   (upload a scan, see it denoised)")
         print(f"  endpoint:     {endpoint}/denoise  (also /denoise_image, /denoise_volume; API docs: {endpoint}/)")
         print(f"  model info:   curl {endpoint}/info")

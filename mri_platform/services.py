@@ -1,6 +1,6 @@
 """Start and stop the real servers the platform uses: SeaweedFS (S3), an MLflow server and a Ray head.
 
-Every server binds 127.0.0.1 (except Ray's internal daemons: see :func:`start_ray_head`) on free ports, so
+Every server binds 127.0.0.1 (Ray's daemons too: see :func:`start_ray_head`) on free ports, so
 that parallel test sessions do not clash, and runs in its own session with its output in a log file under
 the caller's state folder. ``stop`` signals only the
 processes a service started: the members of its session, their descendants and, for Ray, the daemons that
@@ -130,20 +130,30 @@ def start_seaweedfs(
     access_key: str = DEFAULT_S3_ACCESS_KEY,
     secret_key: str = DEFAULT_S3_SECRET_KEY,
     bucket: str | None = "mri-platform",
+    job_keys: tuple[str, str] | None = None,
     timeout: float = 60,
 ) -> Service:
     """Start a single-node SeaweedFS (master, volume, filer, S3 gateway) storing its data in ``state_dir``.
 
     Without an identities file SeaweedFS authorises requests inconsistently (CreateBucket passes, UploadPart
-    is refused), so one admin identity with the given keys is always written. Returns once an S3 round trip
-    (list, and put/get/delete of a probe object when ``bucket`` is given) works.
+    is refused), so one admin identity with the given keys is always written. ``job_keys`` (access, secret)
+    adds a second identity that may only read, list, write and tag inside ``bucket``: what jobs and the MLflow
+    server get, so that none of them holds the admin keys. Returns once an S3 round trip (list, and
+    put/get/delete of a probe object when ``bucket`` is given) works.
+
+    The S3 gateway is the only way in that asks for keys. The filer's HTTP API (which reads, writes and
+    deletes every object without any) is switched off; the volume servers accept reads and writes only with a
+    JWT signed by keys made for this start (``WEED_JWT_*``, in the server's environment only). The master's
+    HTTP port and the gRPC ports have no authentication of their own and stay on 127.0.0.1 (README, Security).
     """
     _require_free(s3_port)
+    if job_keys is not None and bucket is None:
+        raise ValueError("job_keys need a bucket to be scoped to")
     home = Path(state_dir).resolve() / "seaweedfs"
     data_dir = home / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     identities = home / "identities.json"
-    write_private(identities, json.dumps(_s3_identities(access_key, secret_key), indent=2))
+    write_private(identities, json.dumps(_s3_identities(access_key, secret_key, bucket, job_keys), indent=2))
 
     names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3_grpc"]
     ports = dict(zip(names, free_ports(len(names)), strict=True))
@@ -167,6 +177,8 @@ def start_seaweedfs(
         # The volume server waits this long after SIGTERM before it exits (default 10 s).
         "-volume.preStopSeconds=0",
         "-filer",
+        # Only gRPC: the S3 gateway needs no more, and the HTTP API would serve every object without keys.
+        "-filer.disableHttp",
         f"-filer.port={ports['filer']}",
         f"-filer.port.grpc={ports['filer_grpc']}",
         "-s3",
@@ -183,12 +195,14 @@ def start_seaweedfs(
             cmd.append(f"-{part}.localSocket={sock}")
 
     url = f"http://{HOST}:{ports['s3']}"
-    service = _spawn("seaweedfs", cmd, Path(state_dir), env=dict(os.environ), cwd=home, url=url)
+    service = _spawn("seaweedfs", cmd, Path(state_dir), env=_weed_env(), cwd=home, url=url)
     # Where each gRPC server also listens; no flag moves these sockets out of /tmp.
     service.leftovers = [f"/tmp/seaweedfs-{part}-grpc-{ports[part + '_grpc']}.sock" for part in _WEED_GRPC]
     service.extra.update(
         access_key=access_key,
         secret_key=secret_key,
+        job_access_key=job_keys[0] if job_keys else None,
+        job_secret_key=job_keys[1] if job_keys else None,
         bucket=bucket,
         region=S3_REGION,
         endpoint=f"{HOST}:{ports['s3']}",
@@ -221,28 +235,54 @@ def start_seaweedfs(
     return service
 
 
-def _s3_identities(access_key: str, secret_key: str) -> dict[str, Any]:
-    return {
-        "identities": [
+def _s3_identities(
+    access_key: str, secret_key: str, bucket: str | None, job_keys: tuple[str, str] | None
+) -> dict[str, Any]:
+    identities = [
+        {
+            "name": "mri-platform-admin",
+            "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }
+    ]
+    if job_keys is not None:
+        identities.append(
             {
-                "name": "mri-platform-admin",
-                "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                "name": "mri-platform-jobs",
+                "credentials": [{"accessKey": job_keys[0], "secretKey": job_keys[1]}],
+                # SeaweedFS's "Action:bucket" form: these actions in this bucket only; no Admin (no new buckets).
+                "actions": [f"{action}:{bucket}" for action in ("Read", "List", "Tagging", "Write")],
             }
-        ]
-    }
+        )
+    return {"identities": identities}
 
 
-def s3_client(service: Service, *, read_timeout: float = 30) -> Any:
-    """A boto3 S3 client for a SeaweedFS service, with its keys and a short connect timeout."""
+def _weed_env() -> dict[str, str]:
+    """The server's environment with fresh JWT signing keys (SeaweedFS reads ``WEED_*`` as security.toml).
+
+    jwt.signing(.read): the volume servers take writes and reads only with a JWT the master signed; the
+    filer_signing pair would guard the filer's HTTP API, which is off, and also keys its IAM gRPC service
+    and S3's STS (at least 16 bytes). Made per start: the data does not depend on them.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEED_")}
+    for name in ("SIGNING_KEY", "SIGNING_READ_KEY", "FILER_SIGNING_KEY", "FILER_SIGNING_READ_KEY"):
+        env[f"WEED_JWT_{name}"] = secrets.token_hex(32)
+    env["WEED_ACCESS_UI"] = "false"  # the volume servers' status page
+    return env
+
+
+def s3_client(service: Service, *, read_timeout: float = 30, job: bool = False) -> Any:
+    """A boto3 S3 client for a SeaweedFS service, with its admin keys (or with ``job``, the jobs' bucket-scoped
+    keys) and a short connect timeout."""
     import boto3
     from botocore.config import Config
 
+    prefix = "job_" if job else ""
     return boto3.client(
         "s3",
         endpoint_url=service.url,
-        aws_access_key_id=service.extra["access_key"],
-        aws_secret_access_key=service.extra["secret_key"],
+        aws_access_key_id=service.extra[f"{prefix}access_key"],
+        aws_secret_access_key=service.extra[f"{prefix}secret_key"],
         region_name=service.extra.get("region", S3_REGION),
         config=Config(connect_timeout=2, read_timeout=read_timeout, retries={"max_attempts": 1}),
     )
@@ -258,14 +298,21 @@ def start_mlflow_server(
     backend_store_uri: str | None = None,
     artifacts_destination: str | None = None,
     s3: Service | None = None,
+    credentials: tuple[str, str] | None = None,
     timeout: float = 90,
 ) -> Service:
     """Start ``mlflow server`` with one worker, serving artifacts through its proxy.
 
     The backend defaults to SQLite and the artifacts to a folder, both in ``state_dir``. For artifacts in
-    SeaweedFS give ``artifacts_destination="s3://bucket/prefix"`` and ``s3``: its endpoint and keys go into the
-    server's environment only, so clients need no cloud credentials. Without ``s3`` an ``s3://`` destination
-    uses whatever AWS settings the current environment has.
+    SeaweedFS give ``artifacts_destination="s3://bucket/prefix"`` and ``s3``: its endpoint and keys (the
+    bucket-scoped job keys when it has them) go into the server's environment only, so clients need no cloud
+    credentials. Without ``s3`` an ``s3://`` destination uses whatever AWS settings the current environment has.
+
+    ``credentials`` (username, password) switch on MLflow's basic-auth app: every request but ``/health`` and
+    static files then needs them, and that user is the admin of an auth database kept beside the store
+    (``mlflow/basic_auth.db``). ``extra["env"]`` holds what a client needs (``MLFLOW_TRACKING_URI``,
+    ``MLFLOW_TRACKING_USERNAME``, ``MLFLOW_TRACKING_PASSWORD``). MLflow sets the admin's password only when it
+    creates the user: a database made with another password must be deleted (its runs and models are not in it).
     """
     home = Path(state_dir).resolve() / "mlflow"
     home.mkdir(parents=True, exist_ok=True)
@@ -285,15 +332,22 @@ def start_mlflow_server(
     # A default server also starts a job runner and 4 workers (~22 s, ~3 GB); the platform needs neither.
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     env.pop("MLFLOW_TRACKING_URI", None)
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_AUTH_CONFIG_PATH"):
+        env.pop(name, None)
     if s3 is not None:
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
             env.pop(name, None)
+        prefix = "job_" if s3.extra.get("job_access_key") else ""
         env.update(
             MLFLOW_S3_ENDPOINT_URL=s3.url,
-            AWS_ACCESS_KEY_ID=s3.extra["access_key"],
-            AWS_SECRET_ACCESS_KEY=s3.extra["secret_key"],
+            AWS_ACCESS_KEY_ID=s3.extra[f"{prefix}access_key"],
+            AWS_SECRET_ACCESS_KEY=s3.extra[f"{prefix}secret_key"],
             AWS_DEFAULT_REGION=s3.extra.get("region", S3_REGION),
         )
+    auth = []
+    if credentials is not None:
+        env.update(_mlflow_auth_env(home, *credentials))
+        auth = ["--app-name", "basic-auth"]
     cmd = [
         sys.executable,
         "-m",
@@ -309,10 +363,14 @@ def start_mlflow_server(
         backend_store_uri,
         "--artifacts-destination",
         artifacts_destination,
+        *auth,
     ]
     url = f"http://{HOST}:{port}"
     service = _spawn("mlflow", cmd, Path(state_dir), env=env, cwd=home, url=url)
     service.extra.update(backend_store_uri=backend_store_uri, artifacts_destination=artifacts_destination)
+    service.extra["env"] = {"MLFLOW_TRACKING_URI": url}
+    if credentials is not None:
+        service.extra["env"].update(MLFLOW_TRACKING_USERNAME=credentials[0], MLFLOW_TRACKING_PASSWORD=credentials[1])
     _await_ready(
         service,
         lambda: _http_status(f"{url}/health") == 200,
@@ -321,6 +379,26 @@ def start_mlflow_server(
         hint="check the backend store URI and that the port is free, or raise `timeout` on a slow machine",
     )
     return service
+
+
+def _mlflow_auth_env(home: Path, username: str, password: str) -> dict[str, str]:
+    """The basic-auth app's settings: its ini (users in ``home/basic_auth.db``; no access by default for a
+    user other than the admin), the admin's password and Flask's session key, both by environment only."""
+    config = home / "basic_auth.ini"
+    write_private(
+        config,
+        "[mlflow]\n"
+        "default_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{home / 'basic_auth.db'}\n"
+        f"admin_username = {username}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+    )
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_USERNAME": username,
+        "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
+    }
 
 
 # --------------------------------------------------------------------------------------------------- Ray
@@ -355,9 +433,11 @@ def start_ray_head(
     a driver that calls ``ray.init(address=extra["gcs_address"])``; HTTP clients send
     ``Authorization: Bearer <extra["token"]>``.
 
-    The dashboard and job server bind 127.0.0.1, but Ray replaces a loopback ``--node-ip-address`` with the
-    machine's routable address and its GCS, raylet and agents then listen on all interfaces (the token still
-    guards them). Only a loopback-only network namespace (``unshare -n``) keeps a head entirely on 127.0.0.1.
+    Every socket of the head listens on 127.0.0.1. ``ray start`` replaces a loopback ``--node-ip-address``
+    with the machine's routable address (its GCS, raylet and agents then listen on all interfaces) unless
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` says the cluster is this one machine, as Ray does on macOS; set
+    here, and inherited by the jobs' drivers, which then also connect over 127.0.0.1. A consequence: no other
+    node can join this head (``ray start --address`` refuses while that variable is set).
 
     ``job_env`` adds to the head's environment, which its workers and jobs' drivers inherit (the local stack
     gives jobs its MLflow server and S3 endpoint this way); Ray's own settings below win over it.
@@ -390,6 +470,7 @@ def start_ray_head(
         env.pop(name, None)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep the loopback node address: see the docstring
     # On SIGTERM a head first drains itself for up to 30 s (meant for Serve on Kubernetes); stop now instead.
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     # Fixed by default (44217, 44227): two heads on one machine would fight over them.

@@ -1,10 +1,12 @@
 """`mri-platform stack up | status | down`: the platform's servers on one machine, brought up and down as one.
 
 Platform mode runs a Ray head (dashboard and job server, token auth), an MLflow tracking server (sqlite in the
-stack folder, artifacts in S3), SeaweedFS as that S3 server, and the built Bento, all on 127.0.0.1. Everything
-lives in one folder, ``<state>/stack/``: ``stack.json`` records each started service (pids, start times, URLs) so
-that ``down`` in another process stops exactly what ``up`` started and nothing else; the servers' data (the MLflow
-store, the S3 objects, the logs) stays there from one ``up`` to the next.
+stack folder, artifacts in S3, basic auth), SeaweedFS as that S3 server (keys required), and the built Bento, all on
+127.0.0.1. Everything lives in one folder, ``<state>/stack/``: ``stack.json`` records each started service (pids,
+start times, URLs) so that ``down`` in another process stops exactly what ``up`` started and nothing else; the
+servers' data (the MLflow store, the S3 objects, the logs) stays there from one ``up`` to the next, and so do the
+secrets, each made once and kept 0600: the S3 admin keys (the stack's own), the jobs' bucket-scoped S3 keys and
+the MLflow password.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Annotated, Any
 import typer
 
 from mri_platform import services
+from mri_platform.credentials import MLFLOW_PASSWORD, MLFLOW_USERNAME, RECORD, stack_dir
 from mri_platform.services import HOST, Service
 
 COMPONENTS = ("ray", "mlflow", "s3", "bento")
@@ -45,8 +48,12 @@ STOP_TIMEOUT = 20.0
 """Seconds each service gets to stop gracefully before SIGKILL; SeaweedFS's filer alone takes ~15 s."""
 TAG_VARIABLE = "MRI_PLATFORM_STACK_TAG"
 """Set in the Bento's environment (unique per start), so that ``down`` finds workers its dead leader left behind."""
-RECORD = "stack.json"
 S3_CREDENTIALS = "s3-credentials"
+"""The jobs' S3 keys (an AWS credentials file): read, list, write and tag in the stack's bucket, nothing else."""
+S3_ADMIN_CREDENTIALS = "s3-admin-credentials"
+"""SeaweedFS's admin keys; only the stack itself uses them (to create the bucket)."""
+S3_JOB_ACCESS_KEY = "mri-platform"
+S3_ADMIN_ACCESS_KEY = "mri-platform-admin"
 _LOCK = ".lock"
 _LOCK_TIMEOUT = 300.0  # an `up` holds the lock while servers start (up to a few minutes on a slow machine)
 
@@ -56,13 +63,6 @@ class StackError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ the record
-
-
-def stack_dir() -> Path:
-    """The stack's one folder: ``stack/`` in the state folder ($MRI_PLATFORM_HOME or ./.state)."""
-    from mri_platform.config import state_dir
-
-    return state_dir() / "stack"
 
 
 def load(folder: Path | None = None) -> dict[str, Service]:
@@ -170,15 +170,33 @@ def built_bento(name: str = BENTO, bentoml_home: Path | None = None) -> tuple[st
     return f"{info['name']}:{info['version']}", ""
 
 
-def _s3_keys(folder: Path) -> tuple[str, str]:
-    """The stack's S3 keys: made once (a random secret), kept in an AWS credentials file that clients can use."""
-    path = folder / S3_CREDENTIALS
+def _s3_keys(folder: Path, *, admin: bool = False) -> tuple[str, str]:
+    """The jobs' S3 keys (or with ``admin``, SeaweedFS's admin keys): made once (a random secret), kept in an AWS
+    credentials file, 0600. The jobs' file is the one clients are pointed at (``AWS_SHARED_CREDENTIALS_FILE``);
+    a stack from before the split keeps its file, whose keys become the jobs' (the admin's are made anew)."""
+    path = folder / (S3_ADMIN_CREDENTIALS if admin else S3_CREDENTIALS)
     parser = configparser.ConfigParser()
     if parser.read(path) and parser.has_option("default", "aws_secret_access_key"):
         return parser["default"]["aws_access_key_id"], parser["default"]["aws_secret_access_key"]
-    access, secret = services.DEFAULT_S3_ACCESS_KEY, secrets.token_hex(20)
+    access, secret = S3_ADMIN_ACCESS_KEY if admin else S3_JOB_ACCESS_KEY, secrets.token_hex(20)
     services.write_private(path, f"[default]\naws_access_key_id = {access}\naws_secret_access_key = {secret}\n")
     return access, secret
+
+
+def _mlflow_credentials(folder: Path) -> tuple[str, str]:
+    """The MLflow server's user and password: made once, the password kept in ``mlflow-password`` (0600).
+
+    MLflow sets a user's password only when it creates the user, so a new password (the file was deleted) goes
+    with a new auth database: the old one is removed (it holds only users; runs and models are elsewhere).
+    """
+    path = folder / MLFLOW_PASSWORD
+    with contextlib.suppress(FileNotFoundError):
+        if password := path.read_text().strip():
+            return MLFLOW_USERNAME, password
+    (folder / "mlflow" / "basic_auth.db").unlink(missing_ok=True)
+    password = secrets.token_urlsafe(24)
+    services.write_private(path, password + "\n")
+    return MLFLOW_USERNAME, password
 
 
 def _check_components(components: Iterable[str]) -> list[str]:
@@ -297,13 +315,17 @@ def _plans(
             "artifacts_destination": destination,
             # An s3:// destination is on the stack's S3 when it has one; its keys go to the server only.
             "s3": urls["s3"] if "s3" in present and destination.startswith("s3://") else None,
+            "auth": "basic",  # a server from before authentication came is restarted with it
         }
     if "ray" in wanted:
         job_env = {}
         if "mlflow" in present:
-            job_env["MLFLOW_TRACKING_URI"] = urls["mlflow"]
+            user, password = _mlflow_credentials(folder)
+            job_env.update(
+                MLFLOW_TRACKING_URI=urls["mlflow"], MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password
+            )
         if "s3" in present:
-            access, secret = _s3_keys(folder)
+            access, secret = _s3_keys(folder)  # the bucket-scoped keys: no job holds the admin's
             job_env.update(
                 AWS_ENDPOINT_URL=urls["s3"],
                 AWS_ACCESS_KEY_ID=access,
@@ -333,7 +355,7 @@ def _changed(before: dict[str, Any], after: dict[str, Any]) -> str:
     for key in sorted(set(before) | set(after)):
         old, new = before.get(key), after.get(key)
         if old != new:
-            shown = key == "job_env"  # holds S3 keys: name the variables only
+            shown = key == "job_env"  # holds S3 keys and the MLflow password: name the variables only
             changes.append(f"{key} changed" if shown else f"{key} {old} -> {new}")
     return ", ".join(changes) or "settings changed"
 
@@ -385,9 +407,15 @@ def _start_all(names: list[str], plans: dict[str, dict], record: dict[str, Servi
 
 def _start_one(name: str, plan: dict[str, Any], record: dict[str, Service], folder: Path, timeout: float) -> Service:
     if name == "s3":
-        access, secret = _s3_keys(folder)
+        access, secret = _s3_keys(folder, admin=True)
         return services.start_seaweedfs(
-            folder, s3_port=plan["port"], access_key=access, secret_key=secret, bucket=S3_BUCKET, timeout=timeout
+            folder,
+            s3_port=plan["port"],
+            access_key=access,
+            secret_key=secret,
+            bucket=S3_BUCKET,
+            job_keys=_s3_keys(folder),
+            timeout=timeout,
         )
     if name == "mlflow":
         return services.start_mlflow_server(
@@ -396,6 +424,7 @@ def _start_one(name: str, plan: dict[str, Any], record: dict[str, Service], fold
             backend_store_uri=plan["backend_store_uri"],
             artifacts_destination=plan["artifacts_destination"],
             s3=record["s3"] if plan["s3"] else None,
+            credentials=_mlflow_credentials(folder),
             timeout=timeout,
         )
     if name == "ray":
@@ -429,9 +458,10 @@ def status(folder: Path | None = None) -> dict[str, Any]:
 
     Keys: ``ray_dashboard`` and ``ray_address`` (the job server's URL, what ``ray job submit`` takes as
     RAY_ADDRESS), ``ray_gcs_address`` (for ``ray.init`` on this machine), ``mlflow``, ``s3``, ``bento``; ``ray_env``
-    (the environment a Ray client needs, the token by file), ``s3_env`` and ``s3_credentials_file``, ``s3_bucket``,
-    the MLflow store and artifact locations, ``bento_tag``; ``exports`` (shell lines to paste); ``services``
-    (per component: state, url, pid, log).
+    (the environment a Ray client needs, the token by file), ``mlflow_env`` (MLFLOW_TRACKING_URI, _USERNAME and
+    _PASSWORD) and ``mlflow_password_file``, ``s3_env`` and ``s3_credentials_file`` (the jobs' bucket-scoped keys),
+    ``s3_bucket``, the MLflow store and artifact locations, ``bento_tag``; ``exports`` (shell lines to paste, the
+    secrets read from their files); ``services`` (per component: state, url, pid, log).
     """
     folder = Path(folder or stack_dir()).resolve()
     record = load(folder)
@@ -448,6 +478,8 @@ def status(folder: Path | None = None) -> dict[str, Any]:
         "bento": bento and bento.url,
         "ray_env": None,
         "ray_auth_token_path": ray and ray.extra["token_path"],
+        "mlflow_env": None,
+        "mlflow_password_file": None,
         "mlflow_backend_store_uri": mlflow and mlflow.extra["backend_store_uri"],
         "mlflow_artifacts_destination": mlflow and mlflow.extra["artifacts_destination"],
         "s3_bucket": s3 and s3.extra["bucket"],
@@ -473,7 +505,14 @@ def status(folder: Path | None = None) -> dict[str, Any]:
             "RAY_AUTH_TOKEN_PATH": ray.extra["token_path"],
         }
     if mlflow:
-        result["exports"].append(_export({"MLFLOW_TRACKING_URI": mlflow.url}))
+        result["mlflow_env"] = mlflow.extra.get("env") or {"MLFLOW_TRACKING_URI": mlflow.url}
+        if "MLFLOW_TRACKING_PASSWORD" in result["mlflow_env"]:
+            result["mlflow_password_file"] = str(folder / MLFLOW_PASSWORD)
+        shown = {k: v for k, v in result["mlflow_env"].items() if k != "MLFLOW_TRACKING_PASSWORD"}
+        line = _export(shown)
+        if result["mlflow_password_file"]:  # pasted, it reads the password; printed, it does not show it
+            line += f' MLFLOW_TRACKING_PASSWORD="$(cat {shlex.quote(result["mlflow_password_file"])})"'
+        result["exports"].append(line)
     if ray:
         result["exports"].append(_export(result["ray_env"]))
     if s3:
@@ -548,8 +587,13 @@ def _print_status(info: dict[str, Any]) -> None:
     typer.echo(f"stack in {info['stack_dir']}")
     details = {
         "ray": f"dashboard and job server; GCS {info['ray_gcs_address']}",
-        "mlflow": f"store {info['mlflow_backend_store_uri']}, artifacts {info['mlflow_artifacts_destination']}",
-        "s3": f"bucket {info['s3_bucket']}, keys in {info['s3_credentials_file']}",
+        "mlflow": f"store {info['mlflow_backend_store_uri']}, artifacts {info['mlflow_artifacts_destination']}"
+        + (
+            f"; login {MLFLOW_USERNAME}, password in {info['mlflow_password_file']}"
+            if info["mlflow_password_file"]
+            else ""
+        ),
+        "s3": f"bucket {info['s3_bucket']}, its keys in {info['s3_credentials_file']}",
         "bento": f"{info['bento_tag']}",
     }
     for name in COMPONENTS:

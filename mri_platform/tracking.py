@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from mri_platform.config import TrainConfig
 
 CHAMPION = "champion"
+LOGGED_CHECKPOINT = "checkpoint"
+"""The checkpoint's name among a logged model's artifacts (`logged_model.py` loads it by that name)."""
 RUN_NAME_TAG = "ray_run_name"
 EPOCH_METRICS = (
     "train_loss",
@@ -33,9 +35,17 @@ EPOCH_METRICS = (
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """An explicit URI, else $MLFLOW_TRACKING_URI, else the embedded sqlite store in the state folder."""
+    """An explicit URI, else $MLFLOW_TRACKING_URI, else the embedded sqlite store in the state folder.
+
+    A server that is this machine's stack asks for a login: unless the environment names a user, its
+    credentials are put into the environment here, where MLflow's client and Ray's workers find them.
+    """
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        if uri.startswith("http") and "MLFLOW_TRACKING_USERNAME" not in os.environ:
+            from mri_platform.credentials import local_mlflow_env
+
+            os.environ.update(local_mlflow_env(uri))
         return uri
     folder = state_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -173,7 +183,11 @@ def log_model(
     scores: dict[str, float],
     config: TrainConfig,
 ) -> tuple[str, str | None]:
-    """Log the model (with its checkpoint inside) to the run and register it; returns (model_uri, version)."""
+    """Log the model to the run and register it; returns (model_uri, version).
+
+    Logged as a pyfunc model from code (`logged_model.py`) around the weights-only checkpoint, not as a pickled
+    module: loading it (`mlflow.pyfunc.load_model`, `build`, `evaluate`) never unpickles anything.
+    """
     import mlflow
     import numpy as np
     import torch
@@ -194,14 +208,14 @@ def log_model(
         spec = Schema([TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))])
         signature = mlflow.models.ModelSignature(inputs=spec, outputs=spec)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model,
+        info = mlflow.pyfunc.log_model(
             name="model",
+            python_model=str(Path(mri_platform.__file__).parent / "logged_model.py"),  # its source, not a pickle
+            artifacts={LOGGED_CHECKPOINT: str(checkpoint)},
+            code_paths=[str(Path(mri_platform.__file__).parent)],
             signature=signature,
             input_example=example,
-            serialization_format="pickle",
-            code_paths=[str(Path(mri_platform.__file__).parent)],
-            extra_files=[str(checkpoint)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
             registered_model_name=config.registered_model or None,
         )
     version = info.registered_model_version

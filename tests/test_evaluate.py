@@ -4,6 +4,7 @@ import json
 import shutil
 import sys
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,3 +134,39 @@ def test_promote_moves_champion_only_to_a_better_model(trained, tmp_path, monkey
     third = promote(weak)
     assert not third["promoted"] and "does not beat" in third["reason"]
     assert tracking.champion_version(uri, "reg-test") == strong
+
+
+def test_a_registered_model_loads_without_unpickling(trained, tmp_path, monkeypatch, caplog):
+    """The registry holds source code and a weights-only checkpoint, never a pickle: loading a tampered champion
+    cannot run code. MLflow's pickle warning is gone; the model loads and denoises as the trained network does."""
+    import logging
+
+    import mlflow
+    import torch
+
+    from mri_platform.evaluate import load_model
+
+    monkeypatch.setenv("MRI_PLATFORM_HOME", str(tmp_path / "state"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with caplog.at_level(logging.WARNING):
+        version = register(uri, trained, tmp_path, "weights-only")
+    assert not [r.getMessage() for r in caplog.records if "pickle" in r.getMessage().lower()]
+
+    mlflow.set_tracking_uri(uri)
+    local = mlflow.artifacts.download_artifacts(f"models:/reg-test/{version}", dst_path=str(tmp_path / "model"))
+    files = sorted(p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file())
+    assert "artifacts/checkpoint.pt" in files and "logged_model.py" in files  # the weights, and the code as source
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pth", ".cloudpickle"))], files
+    flavors = mlflow.models.Model.load(local).flavors
+    assert set(flavors) == {"python_function"}  # no pytorch flavor, whose model is a pickled module
+    assert flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+
+    batch = load_builtin()[1].images[:3, None].astype(np.float32)
+    with torch.inference_mode():
+        expected = trained(torch.from_numpy(batch)).numpy()
+    served = mlflow.pyfunc.load_model(f"models:/reg-test/{version}").predict(batch)
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    model, meta = load_model(f"models:/reg-test/{version}", uri)  # what `evaluate`, `promote` and `build` use
+    assert meta["format"] == "mri-platform/checkpoint-v1"
+    with torch.inference_mode():
+        np.testing.assert_allclose(model(torch.from_numpy(batch)).numpy(), expected, atol=1e-5)

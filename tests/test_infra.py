@@ -54,6 +54,11 @@ SECRETS = {
     "mri-platform-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
     "mri-platform-db": {"MLFLOW_BACKEND_STORE_URI", "POSTGRES_PASSWORD"},
     "mri-platform-ray-auth": {"auth_token"},
+    "mri-platform-mlflow-auth": {
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    },
 }
 """The Secrets an operator creates (infra/README.md says how); manifests may refer to no other."""
 SECRET_NAME = re.compile(r"KEY|PASSWORD|TOKEN|SECRET|CREDENTIAL", re.IGNORECASE)
@@ -498,6 +503,7 @@ def test_ray_pods_set_only_variables_the_code_reads(rendered):
             if obj["kind"] not in RAY_KINDS or where.endswith("ray-job-submitter"):
                 continue
             names = _env_names(container, objects)
+            names -= {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}  # MLflow's client reads the login
             assert names - reads == set(), f"{name} {where} sets variables no code reads: {names - reads}"
             assert {"MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= names, f"{name} {where}"
             uri = _env_value(container, "MLFLOW_TRACKING_URI", objects)
@@ -795,3 +801,48 @@ def test_mlflow_server_keeps_runs_and_models_in_postgresql(rendered, postgres, t
         assert cur.fetchall() == [(19.4,)]
         cur.execute("SELECT name, version, run_id FROM model_versions")
         assert cur.fetchall() == [("mri-denoiser", 1, run.info.run_id)]
+
+
+def _pod_labels(objects: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Each workload's pod labels, by "<kind>/<name>" (Ray pods carry KubeRay's ray.io/is-ray-node)."""
+    labels = {}
+    for obj in objects:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] in ("Deployment", "StatefulSet", "Job"):
+            labels[where] = obj["spec"]["template"]["metadata"].get("labels", {})
+        elif obj["kind"] in RAY_KINDS:
+            labels[where] = {"ray.io/is-ray-node": "yes"}
+    return labels
+
+
+def _admitted(policy: dict[str, Any], labels: dict[str, str], port: int) -> bool:
+    for rule in policy["spec"]["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if ports and port not in ports:
+            continue
+        for peer in rule.get("from", []):
+            wanted = peer.get("podSelector", {}).get("matchLabels", {})
+            if set(peer) == {"podSelector"} and wanted.items() <= labels.items():
+                return True
+    return False
+
+
+def test_network_policies_let_only_the_jobs_and_the_bento_reach_mlflow_and_s3(rendered):
+    """MLflow: from Ray's pods and the Bento only; the in-cluster S3 (small overlay): from Ray's pods, MLflow and the
+    bucket Job, on its S3 port only (its filer, master and volume ports take no keys)."""
+    for name, objects in rendered.items():
+        pods = _pod_labels(objects)
+        policy = _find(objects, "NetworkPolicy", "mlflow")
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= pods["Deployment/mlflow"].items()
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        admitted = {where for where, labels in pods.items() if _admitted(policy, labels, 5000)}
+        assert admitted == {w for w in pods if w.split("/")[0] in RAY_KINDS} | {"Deployment/mri-denoiser"}, name
+        assert not _admitted(policy, pods["Deployment/mri-denoiser"], 5001)
+        if name == "overlays/small":
+            policy = _find(objects, "NetworkPolicy", "seaweedfs")
+            assert policy["spec"]["podSelector"]["matchLabels"].items() <= pods["StatefulSet/seaweedfs"].items()
+            admitted = {where for where, labels in pods.items() if _admitted(policy, labels, 8333)}
+            expected = {w for w in pods if w.split("/")[0] in RAY_KINDS} | {"Deployment/mlflow", "Job/s3-buckets"}
+            assert admitted == expected
+            for port in (8888, 9333, 8080, 18888, 19333):  # filer, master, volume and their gRPC ports
+                assert not any(_admitted(policy, labels, port) for labels in pods.values()), port

@@ -4,6 +4,7 @@ MLflow with its artifact in S3, a second `up` starts nothing, a dead server is r
 One stack (on free ports) is shared by the module's tests, which run in file order: up, use, restart, down.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -124,6 +125,14 @@ def test_up_serves_every_part_on_the_asked_ports(platform: dict, monkeypatch: py
     assert f"export MLFLOW_TRACKING_URI={info['mlflow']}" in platform["up"].stdout
 
     assert _get(f"{info['mlflow']}/health") == 200
+    password_file = Path(info["mlflow_password_file"])
+    assert info["mlflow_env"] == {
+        "MLFLOW_TRACKING_URI": info["mlflow"],
+        "MLFLOW_TRACKING_USERNAME": stack.MLFLOW_USERNAME,
+        "MLFLOW_TRACKING_PASSWORD": password_file.read_text().strip(),
+    }
+    assert info["mlflow_env"]["MLFLOW_TRACKING_PASSWORD"] not in platform["up"].stdout  # printed as $(cat FILE)
+    assert f'MLFLOW_TRACKING_PASSWORD="$(cat {password_file})"' in platform["up"].stdout
     assert info["mlflow_artifacts_destination"] == f"s3://{info['s3_bucket']}/mlflow"
     token = Path(info["ray_auth_token_path"]).read_text().strip()
     assert token not in platform["up"].stdout  # the plain view names the file, never the token
@@ -136,8 +145,10 @@ def test_up_serves_every_part_on_the_asked_ports(platform: dict, monkeypatch: py
     s3 = boto3.client("s3")
     s3.put_object(Bucket=info["s3_bucket"], Key="hello.txt", Body=b"from a client")
     assert s3.get_object(Bucket=info["s3_bucket"], Key="hello.txt")["Body"].read() == b"from a client"
-    for secret in (platform["folder"] / stack.RECORD, Path(info["s3_credentials_file"])):
-        assert secret.stat().st_mode & 0o077 == 0  # the record holds the Ray token, the file the S3 keys
+    secrets = [platform["folder"] / name for name in (stack.RECORD, stack.S3_ADMIN_CREDENTIALS, stack.MLFLOW_PASSWORD)]
+    secrets += [Path(info["s3_credentials_file"]), platform["folder"] / "mlflow" / "basic_auth.ini"]
+    for secret in secrets:
+        assert secret.stat().st_mode & 0o077 == 0, secret  # the Ray token, S3 keys, the MLflow password
 
 
 @pytest.mark.slow
@@ -151,7 +162,9 @@ def test_a_second_up_finds_the_running_stack(platform: dict) -> None:
 
 
 @pytest.mark.slow
-def test_a_training_job_submitted_to_the_stack_lands_in_its_mlflow_and_s3(platform: dict) -> None:
+def test_a_training_job_submitted_to_the_stack_lands_in_its_mlflow_and_s3(
+    platform: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The README's journey: `ray job submit` a real training run; it logs, registers and checkpoints on the stack."""
     from mlflow import MlflowClient
 
@@ -168,6 +181,8 @@ def test_a_training_job_submitted_to_the_stack_lands_in_its_mlflow_and_s3(platfo
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "epoch   2/2" in done.stdout
 
+    for name, value in info["mlflow_env"].items():  # the login, as `stack status` hands it out
+        monkeypatch.setenv(name, value)
     client = MlflowClient(tracking_uri=info["mlflow"], registry_uri=info["mlflow"])
     [run] = client.search_runs(
         [e.experiment_id for e in client.search_experiments()], "attributes.run_name = 'stack-journey'"
@@ -183,20 +198,126 @@ def test_a_training_job_submitted_to_the_stack_lands_in_its_mlflow_and_s3(platfo
 
 
 @pytest.mark.slow
+def test_registry_writes_without_the_login_are_refused(platform: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody without the stack's MLflow login moves `champion` (which `build` ships), or even reads the registry."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if "journey" not in platform:
+        pytest.skip("needs the model the training job registered")
+    info = _status(platform["env"])
+    url, login = info["mlflow"], info["mlflow_env"]
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    anonymous = MlflowClient(tracking_uri=url, registry_uri=url)
+    with pytest.raises(MlflowException, match="401|Unauthorized|credentials"):
+        anonymous.set_registered_model_alias("mri-denoiser", "champion", "1")
+    with pytest.raises(MlflowException, match="401|Unauthorized|credentials"):
+        anonymous.search_model_versions("name = 'mri-denoiser'")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", login["MLFLOW_TRACKING_USERNAME"])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
+    with pytest.raises(MlflowException, match="401|Unauthorized|credentials"):
+        anonymous.set_registered_model_alias("mri-denoiser", "champion", "1")
+    assert _get(f"{url}/api/2.0/mlflow/registered-models/search") == 401
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", login["MLFLOW_TRACKING_PASSWORD"])
+    allowed = MlflowClient(tracking_uri=url, registry_uri=url)
+    allowed.set_registered_model_alias("mri-denoiser", "checked", "1")
+    assert allowed.get_model_version_by_alias("mri-denoiser", "checked").version == "1"
+    allowed.delete_registered_model_alias("mri-denoiser", "checked")
+
+
+@pytest.mark.slow
+def test_s3_is_reachable_only_through_its_gateway_with_keys(platform: dict) -> None:
+    """The filer's HTTP API is off and the volume servers want a JWT: objects are not readable, writable or
+    listable without S3 keys; the jobs' keys work in the stack's bucket only; no Ray process holds the admin keys."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    s3 = stack.load(platform["folder"])["s3"]
+    bucket, ports = s3.extra["bucket"], s3.extra["ports"]
+    admin = services.s3_client(s3)
+    admin.put_object(Bucket=bucket, Key="guarded.txt", Body=b"secret scan")
+    filer = f"http://{HOST}:{ports['filer']}"
+    for url in (f"{filer}/", f"{filer}/buckets/{bucket}/guarded.txt", f"{filer}/buckets/{bucket}/?pretty=y"):
+        assert _get(url) in (None, 404), url  # nothing served, whatever the path
+    upload = urllib.request.Request(f"{filer}/buckets/{bucket}/planted.txt", data=b"x", method="PUT")
+    with pytest.raises(urllib.error.HTTPError, match="404"):
+        urllib.request.urlopen(upload, timeout=10)
+    volume = f"http://{HOST}:{ports['volume']}"
+    for fid in ("1,01637037d6", "2,01637037d6", "3,01637037d6"):
+        assert _get(f"{volume}/{fid}") == 401  # "wrong jwt", before it even looks for the file
+    plant = urllib.request.Request(f"{volume}/1,01637037d6", data=b"x", method="POST")
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(plant, timeout=10)
+
+    job = services.s3_client(s3, job=True)
+    assert job.get_object(Bucket=bucket, Key="guarded.txt")["Body"].read() == b"secret scan"
+    job.put_object(Bucket=bucket, Key="from-a-job.txt", Body=b"ok")
+    with pytest.raises(ClientError, match="AccessDenied"):
+        job.create_bucket(Bucket="another-bucket")
+    admin.create_bucket(Bucket="another-bucket")
+    with pytest.raises(ClientError, match="AccessDenied"):
+        job.put_object(Bucket="another-bucket", Key="x", Body=b"x")
+    wrong = boto3.client("s3", endpoint_url=s3.url, aws_access_key_id=s3.extra["access_key"],
+                         aws_secret_access_key="wrong", region_name="us-east-1")  # fmt: skip
+    with pytest.raises(ClientError, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
+        wrong.list_objects_v2(Bucket=bucket)
+
+    admin_secret, checked = s3.extra["secret_key"].encode(), 0
+    for pid in _stack_pids(platform["folder"]):  # Ray's daemons and workers, MLflow, SeaweedFS
+        with contextlib.suppress(OSError):
+            assert admin_secret not in Path(f"/proc/{pid}/environ").read_bytes(), pid
+            checked += 1
+    assert checked > 5
+
+
+@pytest.mark.slow
+def test_the_stack_listens_on_loopback_only(platform: dict) -> None:
+    """Every listening socket of every stack process (Ray's GCS, raylet and agents included) is on 127.0.0.1."""
+    import psutil
+
+    pids = _stack_pids(platform["folder"])
+    listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    assert len({c.pid for c in listening}) >= 4  # SeaweedFS, MLflow, and Ray's GCS, raylet, dashboard, agents
+    beyond = [(c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name()) for c in listening if not _loopback(c.laddr.ip)]
+    assert not beyond, f"listening beyond loopback: {beyond}"
+
+
+def _loopback(ip: str) -> bool:
+    import ipaddress
+
+    address = ipaddress.ip_address(ip)
+    return address.is_loopback or bool(address.version == 6 and address.ipv4_mapped and address.ipv4_mapped.is_loopback)
+
+
+@pytest.mark.slow
 def test_the_mlflow_ui_shows_the_run_and_the_registered_model(platform: dict, browser) -> None:
+    import base64
+
     from selenium.webdriver.support.ui import WebDriverWait
 
     if "journey" not in platform:
         pytest.skip("needs the training job of the previous test")
-    mlflow_url, journey = _status(platform["env"])["mlflow"], platform["journey"]
+    info = _status(platform["env"])
+    mlflow_url, journey = info["mlflow"], platform["journey"]
+    login = f"{info['mlflow_env']['MLFLOW_TRACKING_USERNAME']}:{info['mlflow_env']['MLFLOW_TRACKING_PASSWORD']}"
 
     def shows(url: str, text: str) -> None:
         browser.get(url)
         WebDriverWait(browser, 60).until(lambda d: text in d.find_element("tag name", "body").text)
 
-    shows(f"{mlflow_url}/#/experiments/{journey['experiment_id']}/runs/{journey['run_id']}", "stack-journey")
-    assert "val_psnr" in browser.find_element("tag name", "body").text
-    shows(f"{mlflow_url}/#/models", "mri-denoiser")
+    # What a browser sends once the user typed the login into its basic-auth prompt.
+    browser.execute_cdp_cmd("Network.enable", {})
+    headers = {"Authorization": "Basic " + base64.b64encode(login.encode()).decode()}
+    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": headers})
+    try:
+        shows(f"{mlflow_url}/#/experiments/{journey['experiment_id']}/runs/{journey['run_id']}", "stack-journey")
+        assert "val_psnr" in browser.find_element("tag name", "body").text
+        shows(f"{mlflow_url}/#/models", "mri-denoiser")
+    finally:
+        browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {}})
 
 
 @pytest.mark.slow
@@ -268,7 +389,7 @@ def test_down_stops_everything_and_a_second_down_is_harmless(platform: dict) -> 
 
 
 @pytest.mark.slow
-def test_the_embedded_mode_serves_the_store_training_wrote(tmp_path: Path) -> None:
+def test_the_embedded_mode_serves_the_store_training_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What `make demo` ends with: the MLflow UI on the embedded sqlite store (and the Bento, when built)."""
     from mlflow import MlflowClient
 
@@ -285,6 +406,9 @@ def test_the_embedded_mode_serves_the_store_training_wrote(tmp_path: Path) -> No
         assert info["bento"] is None and "mri-platform build" in info["notes"][0]
         assert info["mlflow"] == f"http://{HOST}:{mlflow_port}"
         assert (info["ray_dashboard"], info["s3"]) == (None, None)
+        assert _get(f"{info['mlflow']}/api/2.0/mlflow/experiments/search?max_results=1") == 401  # a login, here too
+        for name, value in info["mlflow_env"].items():  # the login `status` hands out
+            monkeypatch.setenv(name, value)
         served = MlflowClient(tracking_uri=info["mlflow"]).get_run(run_id)
         assert served.data.metrics["val_psnr"] == 19.39
     finally:

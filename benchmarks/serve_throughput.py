@@ -3,10 +3,11 @@ JSON vs .npy bodies.
 
 Each model is registered in a temporary sqlite MLflow registry, imported into a temporary BentoML store the way
 `mri-platform build` does it, and served (one server at a time) per --modes: MRI_SERVICE_BATCHING=on with JSON
-bodies, off with JSON, and on with .npy bodies (application/x-npy, service/binary.py). A closed loop of 1, 8, 32
-and 64 clients (threads with keep-alive connections) posts one 64x64 slice per request to /denoise; each level warms up, then runs until --requests answers or --seconds, whichever comes first. The batch
-sizes that formed come from the server's Prometheus histogram (before/after each level). With no server running,
-the same `Denoiser` the service runs is then timed in this process at those batch sizes: the ceiling.
+bodies, off with JSON, and on with .npy bodies (application/x-npy, service/binary.py). A closed loop of 1, 8, 32 and
+64 clients (threads with keep-alive connections) posts one 64x64 slice per request to /denoise; each level warms up,
+then runs until --requests answers or --seconds, whichever comes first. The batch sizes that formed come from the
+server's Prometheus histogram (before/after each level). With no server running, the same `Denoiser` the service
+runs is then timed in this process at those batch sizes: the ceiling.
 
 The load generator runs on the same cores as the server (2 on this machine kind): its CPU use is printed beside
 the server's so that a client-bound result is visible. Untrained weights: throughput does not depend on them.

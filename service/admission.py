@@ -4,8 +4,9 @@ Three parts, all testable without a server:
 
 - :class:`Admission`, an ASGI middleware in front of every API. It refuses a body over the size limit (413), reads
   the whole body under an idle and a total timeout (408), so that a slow or stalled client never holds a place in
-  an API's queue, bounds the bytes held for bodies being read at once (503), and then admits the request to its
-  endpoint's :class:`Lane` (at most ``running`` at a time and ``waiting`` queued, 503 with ``Retry-After`` beyond).
+  an API's queue, bounds the bytes of request bodies held at once, until they are answered (503), and then admits
+  the request to its endpoint's :class:`Lane` (at most ``running`` at a time and ``waiting`` queued, 503 with
+  ``Retry-After`` beyond).
 - :class:`ModelGate`: one forward pass at a time in the process, and the batched slice API (``urgent``) goes
   before bulk work (volumes and big images, cut into bounded passes). A volume therefore delays a slice batch by
   at most one pass, instead of sharing the cores with it for as long as the volume takes.
@@ -153,7 +154,8 @@ class AdmissionSettings:
     max_request_bytes: int = 64 * 1024 * 1024
     """Largest request body; bigger ones get 413 (MRI_SERVICE_MAX_REQUEST_MB)."""
     body_buffer_bytes: int = 256 * 1024 * 1024
-    """Most bytes of request bodies held at once while they are read (MRI_SERVICE_BODY_BUFFER_MB)."""
+    """Most bytes of request bodies held at once, from their first byte until they are answered: being read,
+    queued in a lane or being processed (MRI_SERVICE_BODY_BUFFER_MB)."""
     body_idle_s: float = 10.0
     """A body that sends nothing for this long gets 408 (MRI_SERVICE_BODY_IDLE_S)."""
     body_total_s: float = 60.0
@@ -163,6 +165,9 @@ class AdmissionSettings:
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
+
+
+BODIES_BUSY = "the service holds as many request bodies as it takes at once (MRI_SERVICE_BODY_BUFFER_MB); retry shortly"
 
 
 def _json_response(status: int, message: str, retry_after: int | None = None) -> tuple[dict, dict]:
@@ -198,21 +203,22 @@ class Admission:
         declared = int(length_header) if length_header is not None and length_header.isdigit() else None
         if declared is not None and declared > limit:
             return await self._refuse(scope, send, 413, self._too_big(declared))
-        reserved = declared or 0
-        if self.buffered + reserved > self.settings.body_buffer_bytes:
-            return await self._refuse(
-                scope, send, 503, "the service is receiving too many request bodies at once; retry shortly", 2
-            )
-        self.buffered += reserved
+        held = [declared or 0]  # bytes of this request's body counted in self.buffered until it is answered
+        if self.buffered + held[0] > self.settings.body_buffer_bytes:
+            return await self._refuse(scope, send, 503, BODIES_BUSY, 2)
+        self.buffered += held[0]
         try:
-            body, problem = await self._read_body(receive, declared)
+            await self._admit(scope, receive, send, path, held)
         finally:
-            self.buffered -= reserved
+            self.buffered -= held[0]
+
+    async def _admit(self, scope: dict, receive: Callable, send: Callable, path: str, held: list[int]) -> None:
+        body, problem = await self._read_body(receive, held)
         if problem is not None:
             status, message = problem
             if status == 0:
                 return None  # the client went away: nobody to answer
-            return await self._refuse(scope, send, status, message)
+            return await self._refuse(scope, send, status, message, 2 if status == 503 else None)
 
         lane = self.lanes.get(path)
         if lane is not None and not await lane.enter():
@@ -239,11 +245,11 @@ class Admission:
             if lane is not None:
                 await lane.leave()
 
-    async def _read_body(self, receive: Callable, declared: int | None) -> tuple[bytes, tuple[int, str] | None]:
-        """The whole body, or (b"", (status, message)): 413 over the limit, 408 too slow, 0 disconnected."""
+    async def _read_body(self, receive: Callable, held: list[int]) -> tuple[bytes, tuple[int, str] | None]:
+        """The whole body, or (b"", (status, message)): 413 over the limit, 408 too slow, 503 over the bytes held
+        at once, 0 disconnected. A body longer than declared (or chunked) is added to ``held`` as it arrives."""
         settings, chunks, size = self.settings, [], 0
         deadline = time.monotonic() + settings.body_total_s
-        reserved = declared or 0
         try:
             while True:
                 left = deadline - time.monotonic()
@@ -256,12 +262,12 @@ class Admission:
                 size += len(chunk)
                 if size > settings.max_request_bytes:
                     return b"", (413, self._too_big(size))
-                if size > reserved:  # a chunked body (or one longer than declared) counts as it arrives
-                    grow = size - reserved
+                if size > held[0]:
+                    grow = size - held[0]
                     if self.buffered + grow > settings.body_buffer_bytes:
-                        return b"", (503, "the service is receiving too many request bodies at once; retry shortly")
+                        return b"", (503, BODIES_BUSY)
                     self.buffered += grow
-                    reserved = size
+                    held[0] = size
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     return b"".join(chunks), None
@@ -271,8 +277,6 @@ class Admission:
                 f"the request body was not received in time ({size:,} bytes after waiting; the service waits "
                 f"{settings.body_idle_s:g} s between chunks and {settings.body_total_s:g} s in all)",
             )
-        finally:
-            self.buffered -= reserved - (declared or 0)
 
     def _too_big(self, size: int) -> str:
         return (

@@ -161,11 +161,13 @@ class Settings:
 SETTINGS = Settings.from_env()
 LANES = {
     "/denoise": LaneLimit(running=512, waiting=0),  # BentoML's batcher queues these, and 503s past the budget
-    "/denoise_volume": LaneLimit(running=1, waiting=2),
-    "/denoise_image": LaneLimit(running=2, waiting=8),
-    "/preview": LaneLimit(running=2, waiting=8),
+    "/denoise_volume": LaneLimit(running=1, waiting=8),
+    "/denoise_image": LaneLimit(running=2, waiting=32),
+    "/preview": LaneLimit(running=2, waiting=32),
 }
-"""Requests of each endpoint handled at once, and queued behind them; beyond, 503 with Retry-After at once."""
+"""Requests of each endpoint handled at once, and queued behind them; beyond, 503 with Retry-After at once. The
+queues absorb 64 clients of mixed traffic (benchmarks/serve_soak.py: with 2 and 8 queued, 19 of 12,955 requests
+were refused); their memory is bounded by MRI_SERVICE_BODY_BUFFER_MB, which counts queued bodies too."""
 VOLUME_BYTES_PER_VOXEL = 24
 """Peak memory of /denoise_volume per voxel (the upload's data as float32, windowed slices, the output, the file
 written back): 2.4 GB were measured for a 512^3 uint8 volume, 18 bytes per voxel, before the limits existed."""

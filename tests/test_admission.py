@@ -180,6 +180,24 @@ def test_a_full_lane_answers_503_with_retry_after_and_admits_again_once_free():
     assert sorted(statuses) == [200, 200, 503] and seen == [10, 10]  # the queued one ran, with its whole body
 
 
+def test_queued_and_running_bodies_count_against_the_bytes_held_at_once():
+    async def scenario() -> tuple[list, list]:
+        inner = _App()
+        settings = AdmissionSettings(body_buffer_bytes=25)
+        app = Admission(inner, settings, {"/denoise_volume": LaneLimit(running=1, waiting=5)})
+        runs = [_request(app, "/denoise_volume", [b"v" * 10], length=10) for _ in range(3)]
+        tasks = [asyncio.create_task(run()) for run, _ in runs]
+        await asyncio.sleep(0.2)  # 10 bytes run, 10 wait: the third 10 would make 30 > 25
+        refused = [_answer(sent) for _, sent in runs if sent]
+        inner.release.set()
+        await asyncio.gather(*tasks)
+        return refused, [app.buffered]
+
+    refused, left = asyncio.run(scenario())
+    assert len(refused) == 1 and refused[0][0] == 503 and "request bodies" in refused[0][1]["error"]
+    assert left == [0]  # every byte counted is released once its request is answered
+
+
 # ---------------------------------------------------------------------------------------- a real server
 
 
@@ -223,7 +241,7 @@ def test_info_states_the_work_ceiling_and_the_lanes(bento_server):
     assert work["seconds_per_megapixel"] > 0
     assert limits["max_volume_voxels"] <= min(work["max_volume_voxels_by_memory"], work["max_pixels_by_time"])
     assert limits["max_volume_voxels"] <= work["configured"]["max_volume_voxels"]
-    assert serving["concurrency"]["/denoise_volume"] == {"running": 1, "waiting": 2}
+    assert serving["concurrency"]["/denoise_volume"] == {"running": 1, "waiting": 8}
     assert serving["connections"]["header_s"] > 0
 
 

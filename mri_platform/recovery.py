@@ -10,6 +10,7 @@ final checkpoint's history whatever it could not log (`missing_epochs`). A handl
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sys
 import threading
@@ -20,6 +21,8 @@ import ray.train
 
 from mri_platform import tracking
 
+FIRST_TRY_TIMEOUT_S = 5
+"""The controller's own attempt to log an epoch gives up after this; the retrying thread goes on."""
 RETRY_S = (1, 2, 5, 10, 20, 30)
 """Waits between attempts to log an epoch while MLflow does not answer (then every 30 s)."""
 
@@ -82,23 +85,39 @@ class EpochRecorder(ray.train.UserCallback):
         self.last_epoch = 0
         self.failures = 0
         self._queue: queue.Queue | None = None
+        self._logger: tracking.EpochLogger | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_queue": None}  # the thread and its queue live on the controller only
+        return {**self.__dict__, "_queue": None, "_logger": None}  # they live on the controller only
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         quiet_handled_failures()  # unpickled on the controller: its loggers are the ones to quiet
+        # The controller's first try at an epoch must fail fast when MLflow is away (the thread retries), not stall
+        # the run for MLflow's own minutes of retries.
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(FIRST_TRY_TIMEOUT_S)
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         epoch_metrics = metrics[0]
         if "epoch" not in epoch_metrics:
             return
         self.last_epoch = int(epoch_metrics["epoch"])
+        # Logged here first, before Tune sees the report: a trial it stops at once must still have its points.
+        tried = False
+        if self._queue is None or self._queue.empty():
+            tried = True
+            try:
+                if self._logger is None:
+                    self._logger = tracking.EpochLogger(self.uri, self.run_id)
+                self._logger.log(dict(epoch_metrics), step=self.last_epoch)
+                return
+            except Exception:  # MLflow away: the thread takes it from here
+                pass
         if self._queue is None:
             self._queue = queue.Queue()
             threading.Thread(target=self._log_forever, name="mlflow-epochs", daemon=True).start()
-        self._queue.put((self.last_epoch, dict(epoch_metrics)))
+        self._queue.put((self.last_epoch, dict(epoch_metrics), tried))
 
     def after_exception(self, run_context, worker_exceptions: dict[int, BaseException]) -> None:
         self.failures += 1
@@ -116,10 +135,10 @@ class EpochRecorder(ray.train.UserCallback):
     def _log_forever(self) -> None:
         logger = tracking.EpochLogger(self.uri, self.run_id)
         while True:
-            epoch, metrics = self._queue.get()
+            epoch, metrics, tried = self._queue.get()
             for attempt in range(10_000):
                 try:
-                    if attempt and epoch in logger.logged_steps():  # the last try landed, its answer did not
+                    if (attempt or tried) and epoch in logger.logged_steps():  # a try landed, its answer did not
                         break
                     logger.log(metrics, step=epoch)
                     break

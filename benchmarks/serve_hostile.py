@@ -28,7 +28,6 @@ import json
 import os
 import socket
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -39,7 +38,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import TIMEOUT_S, batch_histogram, busy_cpu, prepare_models, serve, tree_memory  # noqa: E402
+from serve_throughput import TIMEOUT_S, batch_histogram, busy_cpu, served_model, tree_memory  # noqa: E402
 
 RECOVERED = 0.9
 """Share of the reference throughput that counts as recovered."""
@@ -231,55 +230,49 @@ def main() -> None:
     body = json.dumps({"slices": np.round(slice_, 4).tolist()}).encode()
     began = time.perf_counter()
 
-    with tempfile.TemporaryDirectory(prefix="serve-hostile-") as tmp:
-        folder = Path(tmp)
-        os.environ["MRI_PLATFORM_HOME"] = str(folder / "state")
-        os.environ["BENTOML_HOME"] = str(folder / "bentoml")
-        os.environ["BENTOML_DO_NOT_TRACK"] = "true"
-        tag, _ = prepare_models([args.model], folder)[args.model]
-        with serve(tag, "on", folder / "serve", folder / "bentoml") as (server, ready):
-            info = _get_json(f"{server.url}/info")
-            limits = info["serving"]["limits"]
-            volume, shape = largest_volume(limits)
-            multipart, content_type = _multipart("volume", "big.nii.gz", volume)
-            print(f"server ready in {ready:.1f} s; largest accepted volume {shape} ({len(volume) / 2**10:.0f} KiB gz)")
+    with served_model(args.model, "serve-hostile-") as (server, ready):
+        info = _get_json(f"{server.url}/info")
+        limits = info["serving"]["limits"]
+        volume, shape = largest_volume(limits)
+        multipart, content_type = _multipart("volume", "big.nii.gz", volume)
+        print(f"server ready in {ready:.1f} s; largest accepted volume {shape} ({len(volume) / 2**10:.0f} KiB gz)")
 
-            with Clients(server.url, body, args.concurrency, 3.0):  # warm-up: the dispatcher learns its latencies
-                pass
-            rss_before = tree_memory(server.pid)[0]
-            with Clients(server.url, body, args.concurrency, args.seconds) as before:
-                time.sleep(args.seconds)
-            reference = before.ok_per_second()
-            print(f"before, concurrency {args.concurrency}: {before.describe()}")
+        with Clients(server.url, body, args.concurrency, 3.0):  # warm-up: the dispatcher learns its latencies
+            pass
+        rss_before = tree_memory(server.pid)[0]
+        with Clients(server.url, body, args.concurrency, args.seconds) as before:
+            time.sleep(args.seconds)
+        reference = before.ok_per_second()
+        print(f"before, concurrency {args.concurrency}: {before.describe()}")
 
-            answers: list = [None] * args.volumes
-            with Clients(server.url, body, 16, args.burst_timeout) as during:
-                held = slow_sockets(server.url, args.slow)
-                senders = [
-                    threading.Thread(target=post_volume, args=(server.url, multipart, content_type, answers, k))
-                    for k in range(args.volumes)
-                ]
-                for sender in senders:
-                    sender.start()
-                for sender in senders:
-                    sender.join(args.burst_timeout)
-                closed = closed_by_server(held)
-            for sock in held:
-                sock.close()
-            print(
-                f"burst: volumes (status, s) {answers}; slices meanwhile: {during.describe()}; {len(held)} slow "
-                f"sockets held, {closed} closed by the server by then"
-            )
+        answers: list = [None] * args.volumes
+        with Clients(server.url, body, 16, args.burst_timeout) as during:
+            held = slow_sockets(server.url, args.slow)
+            senders = [
+                threading.Thread(target=post_volume, args=(server.url, multipart, content_type, answers, k))
+                for k in range(args.volumes)
+            ]
+            for sender in senders:
+                sender.start()
+            for sender in senders:
+                sender.join(args.burst_timeout)
+            closed = closed_by_server(held)
+        for sock in held:
+            sock.close()
+        print(
+            f"burst: volumes (status, s) {answers}; slices meanwhile: {during.describe()}; {len(held)} slow "
+            f"sockets held, {closed} closed by the server by then"
+        )
 
-            start = time.perf_counter()
-            with Clients(server.url, body, args.concurrency, args.after) as after:
-                time.sleep(args.after)
-            print(f"after, concurrency {args.concurrency}: {after.describe()}")
-            per_second, back = recovery(after.results, start, args.after, reference)
-            last = sum(per_second[-5:]) / 5
-            rss_after = tree_memory(server.pid)[0]
-            ready_after = urllib.request.urlopen(f"{server.url}/readyz", timeout=10).status
-            log = server.log_path.read_text(errors="replace").splitlines()
+        start = time.perf_counter()
+        with Clients(server.url, body, args.concurrency, args.after) as after:
+            time.sleep(args.after)
+        print(f"after, concurrency {args.concurrency}: {after.describe()}")
+        per_second, back = recovery(after.results, start, args.after, reference)
+        last = sum(per_second[-5:]) / 5
+        rss_after = tree_memory(server.pid)[0]
+        ready_after = urllib.request.urlopen(f"{server.url}/readyz", timeout=10).status
+        log = server.log_path.read_text(errors="replace").splitlines()
     print()
     print("| phase | req/s (200) | share of before | statuses |")
     print("|---|---|---|---|")

@@ -22,7 +22,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -33,7 +32,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import TIMEOUT_S, busy_cpu, prepare_models, serve, tree_memory  # noqa: E402
+from serve_throughput import TIMEOUT_S, busy_cpu, served_model, tree_memory  # noqa: E402
 
 MIX = (("denoise_1", 80), ("denoise_4", 8), ("image", 6), ("preview", 4), ("volume", 2))
 """Request kinds and their weights (per 100 requests)."""
@@ -137,27 +136,21 @@ def main() -> None:
     args = parser.parse_args()
     began = time.perf_counter()
     mix = requests_of_the_mix()
-    with tempfile.TemporaryDirectory(prefix="serve-soak-") as tmp:
-        folder = Path(tmp)
-        os.environ["MRI_PLATFORM_HOME"] = str(folder / "state")
-        os.environ["BENTOML_HOME"] = str(folder / "bentoml")
-        os.environ["BENTOML_DO_NOT_TRACK"] = "true"
-        tag, _ = prepare_models([args.model], folder)[args.model]
-        with serve(tag, "on", folder / "serve", folder / "bentoml") as (server, ready):
-            rss_start = tree_memory(server.pid)[0]
-            soak = Soak(server.url, mix, args.concurrency, args.minutes * 60, args.max_requests)
-            busy, started = busy_cpu(), time.perf_counter()
-            threads = soak.run()
-            samples: list[tuple[float, float]] = []
-            while any(thread.is_alive() for thread in threads):
-                time.sleep(args.sample)
-                samples.append((time.perf_counter() - started, tree_memory(server.pid)[0]))
-                done = sum(sum(c.values()) for c in soak.statuses.values())
-                errors = sum(n for c in soak.statuses.values() for s, n in c.items() if s != 200)
-                print(f"{samples[-1][0]:6.0f} s  RSS {samples[-1][1]:6.0f} MB  {done:7d} requests  {errors} errors")
-            wall = time.perf_counter() - started
-            cores = (busy_cpu() - busy) / wall
-            log = server.log_path.read_text(errors="replace").splitlines()
+    with served_model(args.model, "serve-soak-") as (server, ready):
+        rss_start = tree_memory(server.pid)[0]
+        soak = Soak(server.url, mix, args.concurrency, args.minutes * 60, args.max_requests)
+        busy, started = busy_cpu(), time.perf_counter()
+        threads = soak.run()
+        samples: list[tuple[float, float]] = []
+        while any(thread.is_alive() for thread in threads):
+            time.sleep(args.sample)
+            samples.append((time.perf_counter() - started, tree_memory(server.pid)[0]))
+            done = sum(sum(c.values()) for c in soak.statuses.values())
+            errors = sum(n for c in soak.statuses.values() for s, n in c.items() if s != 200)
+            print(f"{samples[-1][0]:6.0f} s  RSS {samples[-1][1]:6.0f} MB  {done:7d} requests  {errors} errors")
+        wall = time.perf_counter() - started
+        cores = (busy_cpu() - busy) / wall
+        log = server.log_path.read_text(errors="replace").splitlines()
     baseline = next((rss for at, rss in samples if at >= args.warmup), samples[0][1])
     peak, last = max(rss for _, rss in samples), samples[-1][1]
     print()

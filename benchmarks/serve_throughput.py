@@ -147,6 +147,20 @@ def serve(tag: str, batching: str, state: Path, home: Path) -> Iterator[tuple[se
         services.stop(server)
 
 
+@contextlib.contextmanager
+def served_model(model: str, prefix: str) -> Iterator[tuple[services.Service, float]]:
+    """Untrained weights of `model` registered, imported and served with batching on, all in a temporary folder
+    (MRI_PLATFORM_HOME and BENTOML_HOME point there); yields the server and its ready time."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        folder = Path(tmp)
+        os.environ["MRI_PLATFORM_HOME"] = str(folder / "state")
+        os.environ["BENTOML_HOME"] = str(folder / "bentoml")  # read by BentoML when first imported (import_model)
+        os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+        tag, _ = prepare_models([model], folder)[model]
+        with serve(tag, "on", folder / "serve", folder / "bentoml") as served:
+            yield served
+
+
 def _tree(pid: int) -> list[psutil.Process]:
     try:
         leader = psutil.Process(pid)

@@ -43,6 +43,16 @@ def ray_head(state_dir: Callable[[str], Path]) -> Iterator[Service]:
     services.stop(service)
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray cluster of 2 CPUs for one test module (test_train, test_faults)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test gets its own state folder and the embedded tracking store, whatever the caller's environment."""

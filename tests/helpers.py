@@ -19,6 +19,16 @@ DATA = {"source": "builtin", "size": 64, "patch": None}
 DESCRIBE = {"noise": NoiseConfig().to_dict(), "epoch": 1, "data": DATA}
 
 
+def tiny_config(tmp_path: Path, **overrides: Any):
+    """A small but real training run: a narrow autoencoder on the built-in MRI slices, two CPU workers, tracked in a
+    sqlite store and checkpointed under ``tmp_path``."""
+    values = {
+        "model": "ae1", "filters": 8, "epochs": 2, "workers": 2, "batch_size": 32, "lr": 3e-3,
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "storage": str(tmp_path / "ckpt"),
+    } | overrides  # fmt: skip
+    return build_config(None, **values)
+
+
 def describe(data: dict[str, Any] | None = None) -> dict[str, Any]:
     """The checkpoint fields beside the model: noise, epoch and the data description (DATA unless given)."""
     return {**DESCRIBE, "data": {**DATA, **(data or {})}}

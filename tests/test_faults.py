@@ -14,9 +14,9 @@ import time
 
 import pyarrow.fs
 import pytest
+from helpers import tiny_config
 
 from mri_platform import services, tracking
-from mri_platform.config import build_config
 from mri_platform.recovery import describe_failure, failure_kind
 from mri_platform.storage import S3_MAX_ATTEMPTS, prune_unlisted_checkpoints, resolve_storage
 from mri_platform.train import fit
@@ -24,22 +24,8 @@ from mri_platform.train import fit
 S3_PAUSE_S = 20
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def tiny(tmp_path, **overrides):
-    values = {
-        "model": "ae1", "filters": 8, "epochs": 4, "workers": 2, "batch_size": 32, "lr": 3e-3, "steps_per_epoch": 20,
-        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "storage": str(tmp_path / "ckpt"),
-        "registered_model": "",
-    } | overrides  # fmt: skip
-    return build_config(None, **values)
+    return tiny_config(tmp_path, **({"epochs": 4, "steps_per_epoch": 20, "registered_model": ""} | overrides))
 
 
 def one_point_per_epoch(uri: str, run_id: str, epochs: int) -> None:

@@ -12,31 +12,18 @@ import boto3
 import psutil
 import pytest
 import torch
+from helpers import tiny_config
 
 from mri_platform import tracking
 from mri_platform.checkpoints import load_checkpoint
-from mri_platform.config import build_config
 from mri_platform.train import fit
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def tiny(tmp_path, **overrides):
     """A small but real run: a narrow autoencoder on the built-in MRI slices, two CPU workers."""
-    values = {
-        "model": "ae1", "filters": 8, "epochs": 2, "workers": 2, "batch_size": 32, "lr": 3e-3,
-        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "storage": str(tmp_path / "ckpt"),
-    } | overrides  # fmt: skip
-    return build_config(None, **values)
+    return tiny_config(tmp_path, **overrides)
 
 
 def test_two_workers_train_log_checkpoint_and_register(local_ray, tmp_path):

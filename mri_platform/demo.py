@@ -24,10 +24,11 @@ def run_demo(
     models: tuple[str, ...] = MODELS,
 ) -> dict:
     from mri_platform.baselines import baseline_scores
-    from tuning.search import build_search, init_ray, print_table, run_search
+    from mri_platform.cluster import init_ray
+    from tuning.search import build_search, print_table, run_search
 
     started = time.perf_counter()
-    init_ray()  # one local cluster for training and the search, with the resource Tune's trial drivers take
+    init_ray({})  # one local cluster for training and the search, with the resource Tune's trial drivers take
     results = {}
     for model in models:
         config = build_config(preset, model=model, tracking_uri=tracking_uri)

@@ -38,7 +38,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import TIMEOUT_S, batch_histogram, busy_cpu, served_model, tree_memory  # noqa: E402
+from serve_throughput import TIMEOUT_S, batch_histogram, busy_cpu, post, served_model, tree_memory  # noqa: E402
 
 RECOVERED = 0.9
 """Share of the reference throughput that counts as recovered."""
@@ -101,18 +101,9 @@ class Clients:
             return True
 
     def _run(self) -> None:
-        headers = {"Content-Type": "application/json"}
         conn = http.client.HTTPConnection(self.host, self.port, timeout=TIMEOUT_S)
         while self._take():
-            try:
-                conn.request("POST", "/denoise", self.body, headers)
-                response = conn.getresponse()
-                response.read()
-                status = response.status
-            except (OSError, http.client.HTTPException):
-                status = 0
-                conn.close()
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=TIMEOUT_S)
+            status, _ = post(conn, "/denoise", self.body, "application/json")
             with self.lock:
                 self.results.append((time.perf_counter(), status))
         conn.close()

@@ -32,7 +32,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_throughput import TIMEOUT_S, busy_cpu, served_model, tree_memory  # noqa: E402
+from serve_throughput import TIMEOUT_S, busy_cpu, post, served_model, tree_memory  # noqa: E402
 
 MIX = (("denoise_1", 80), ("denoise_4", 8), ("image", 6), ("preview", 4), ("volume", 2))
 """Request kinds and their weights (per 100 requests)."""
@@ -103,15 +103,7 @@ class Soak:
             kind = pick.choice(self.kinds)
             path, body, content_type = self.mix[kind]
             started = time.perf_counter()
-            try:
-                conn.request("POST", path, body, {"Content-Type": content_type})
-                response = conn.getresponse()
-                response.read()
-                status = response.status
-            except (OSError, http.client.HTTPException):
-                status = 0
-                conn.close()
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=TIMEOUT_S * 4)
+            status, _ = post(conn, path, body, content_type)
             with self.lock:
                 self.statuses[kind][status] += 1
                 if status == 200:

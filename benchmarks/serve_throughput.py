@@ -231,23 +231,27 @@ class _Budget:
             return True
 
 
+def post(conn: http.client.HTTPConnection, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+    """One POST on a keep-alive connection: (status, answer), or (0, b"") when it was refused, reset or timed out,
+    in which case ``conn`` is closed and reconnects on its next request. The answer is not decoded: a load
+    generator's CPU should go to sending load."""
+    try:
+        conn.request("POST", path, body, {"Content-Type": content_type, "Connection": "keep-alive"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    except (OSError, http.client.HTTPException):
+        conn.close()
+        return 0, b""
+
+
 def _client(
     host: str, port: int, body: bytes, budget: _Budget, out: list[tuple[float, int]], content_type: str
 ) -> None:
     """One closed-loop client: a keep-alive connection, the next request as soon as the answer is read."""
-    headers = {"Content-Type": content_type, "Connection": "keep-alive"}
     conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT_S)
     while budget.take():
         started = time.perf_counter()
-        try:
-            conn.request("POST", "/denoise", body, headers)
-            response = conn.getresponse()
-            response.read()  # not decoded: the client's CPU should go to sending load, not to JSON parsing
-            status = response.status
-        except (OSError, http.client.HTTPException):
-            status = 0  # refused, reset or timed out: counted as an error, with a fresh connection
-            conn.close()
-            conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT_S)
+        status, _ = post(conn, "/denoise", body, content_type)
         out.append((time.perf_counter() - started, status))
     conn.close()
 

@@ -132,6 +132,7 @@ class Settings:
         batching = os.environ.get("MRI_SERVICE_BATCHING", "on").strip().lower()
         if batching not in ("on", "off", "true", "false", "1", "0"):
             raise ValueError(f"MRI_SERVICE_BATCHING must be 'on' or 'off', got {batching!r}")
+        request_bytes = _env_int("MRI_SERVICE_MAX_REQUEST_MB", limits.max_request_bytes >> 20) << 20
         return cls(
             model=os.environ.get(MODEL_ENV) or defaults.model,
             batching=batching in ("on", "true", "1"),
@@ -141,7 +142,7 @@ class Settings:
             tile=_env_int("MRI_SERVICE_TILE", defaults.tile),
             tile_overlap=_env_int("MRI_SERVICE_TILE_OVERLAP", defaults.tile_overlap),
             limits=Limits(
-                max_request_bytes=_env_int("MRI_SERVICE_MAX_REQUEST_MB", limits.max_request_bytes >> 20) << 20,
+                max_request_bytes=request_bytes,  # what /info reports; admission enforces it
                 max_image_pixels=_env_int("MRI_SERVICE_MAX_IMAGE_PIXELS", limits.max_image_pixels),
                 max_slices=_env_int("MRI_SERVICE_MAX_SLICES", limits.max_slices),
                 max_volume_voxels=_env_int("MRI_SERVICE_MAX_VOXELS", limits.max_volume_voxels),
@@ -149,7 +150,7 @@ class Settings:
             work_memory_mb=_env_int("MRI_SERVICE_WORK_MEMORY_MB", defaults.work_memory_mb),
             work_seconds=_env_int("MRI_SERVICE_WORK_S", defaults.work_seconds),
             admission=AdmissionSettings(
-                max_request_bytes=_env_int("MRI_SERVICE_MAX_REQUEST_MB", limits.max_request_bytes >> 20) << 20,
+                max_request_bytes=request_bytes,
                 body_buffer_bytes=_env_int("MRI_SERVICE_BODY_BUFFER_MB", admission.body_buffer_bytes >> 20) << 20,
                 body_idle_s=_env_int("MRI_SERVICE_BODY_IDLE_S", int(admission.body_idle_s)),
                 body_total_s=_env_int("MRI_SERVICE_BODY_TOTAL_S", int(admission.body_total_s)),

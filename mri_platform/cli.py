@@ -11,6 +11,9 @@ import typer
 
 from mri_platform.stack import app as stack_app  # its own sub-app (up, status, down); importing it starts nothing
 
+RAYLET_WORKER_COUNT_WARNING = r"worker processes have been started on node"
+"""The raylet's 'N PYTHON worker processes have been started ... 4x the maximum expected startup concurrency'."""
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split(":")[1].strip())
 app.add_typer(
     stack_app, name="stack", help="Run the platform on this machine: Ray head, MLflow server, S3 (SeaweedFS), Bento."
@@ -21,6 +24,10 @@ app.add_typer(
 def _quiet_downloads() -> None:
     """Denoise brain MRI: train on Ray, track in MLflow, evaluate and promote models."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file floods the terminal
+    # The raylet warns once 4x as many worker processes as cores have started. A search's trial drivers, Train
+    # controllers and workers are that many by design on a small machine; the line calls for no action. Read by Ray
+    # when it is first imported, which no command has done yet.
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", RAYLET_WORKER_COUNT_WARNING)
 
 
 NoiseVariance = Annotated[

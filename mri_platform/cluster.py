@@ -7,6 +7,7 @@ cluster cannot meet is refused with what is missing, after waiting `wait_s` seco
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 DRIVER_RESOURCE = "TRAIN_DRIVER"
 """A custom resource a Tune trial's driver reserves instead of a CPU its workers need (`tuning.search`)."""
 POLL_S = 1.0
+TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def _start_local() -> dict[str, Any]:
@@ -75,7 +77,20 @@ def init_ray(
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, log_to_driver=True, **({} if address else _start_local()))
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # A new local cluster takes token authentication, as it should; Ray says so at warning level on every
+            # start ("Token authentication is enabled ... Set RAY_AUTH_MODE=disabled to opt out"). RAY_AUTH_MODE
+            # cannot be set here instead: Ray reads it when imported, and a driver joining a cluster without tokens
+            # must not send one.
+            announcer = logging.getLogger(TOKEN_SETUP_LOGGER)
+            level = announcer.level
+            announcer.setLevel(logging.ERROR)
+            try:
+                ray.init(log_to_driver=True, **_start_local())
+            finally:
+                announcer.setLevel(level)
     need = {name: amount * workers for name, amount in per_worker.items() if amount}
     for name, amount in (once or {}).items():
         need[name] = need.get(name, 0.0) + amount

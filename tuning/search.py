@@ -269,8 +269,7 @@ def run_search(
                 mode="max",
                 scheduler=_scheduler(search),
                 search_alg=_search_algorithm(search, concurrent),
-                num_samples=search.samples,
-                max_concurrent_trials=concurrent,
+                num_samples=search.samples,  # the search algorithm holds the concurrency (`_search_algorithm`)
             ),
             run_config=tune.RunConfig(
                 name=name,

@@ -38,6 +38,8 @@ from service.admission import Cancelled, ModelGate
 from service.imaging import resize
 
 PRECISIONS = ("fp32", "bf16")
+CGROUP = Path("/sys/fs/cgroup")
+"""Where a container's CPU limit is read (`cpu_quota`): the process's own cgroup in a container's namespace."""
 TILE = 256
 """Default side of the largest slice passed whole; bigger slices are tiled (MRI_SERVICE_TILE)."""
 OVERLAP = 32
@@ -236,8 +238,31 @@ class Denoiser:
         return out
 
 
-def configure_threads() -> int:
-    """Use every core the process may run on for one forward pass (BentoML runs one inference at a time)."""
+def configure_threads(requested: int = 0, cgroup: Path = CGROUP) -> int:
+    """Threads of one forward pass: `requested`, or with 0 every core the process may use (the model gate lets one
+    forward pass run at a time).
+
+    A container's CPU limit is a cgroup quota, not an affinity: a Bento pod limited to 2 CPUs on a 64-core node sees
+    64 cores, and 64 threads sharing 2 cores' worth of time make every forward pass wait on the slowest of them.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(cores)
-    return cores
+    quota = cpu_quota(cgroup)
+    threads = requested or (min(cores, max(1, int(quota))) if quota else cores)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def cpu_quota(cgroup: Path = CGROUP) -> float | None:
+    """The cores' worth of CPU time this process's cgroup may use (cgroup v2 `cpu.max`, else v1 `cpu.cfs_quota_us`
+    over `cpu.cfs_period_us`), or None where there is no limit or no cgroup file to read."""
+    try:
+        if (cgroup / "cpu.max").exists():
+            quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        else:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    if quota in ("max", "-1") or int(period) <= 0:
+        return None
+    return int(quota) / int(period)

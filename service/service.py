@@ -108,6 +108,8 @@ class Settings:
     at 8-16 and slower beyond 32, see the serving benchmark)."""
     max_latency_ms: int = 3000
     """MRI_SERVICE_MAX_LATENCY_MS: the latency budget of a batched request; beyond it BentoML answers 503."""
+    torch_threads: int = 0
+    """MRI_SERVICE_TORCH_THREADS: threads of one forward pass; 0 uses every core the server may run on."""
     precision: str = "fp32"
     """MRI_SERVICE_PRECISION: fp32, or bf16 autocast (faster on CPUs with bf16 units)."""
     tile: int = TILE
@@ -138,6 +140,7 @@ class Settings:
             batching=batching in ("on", "true", "1"),
             max_batch_size=_env_int("MRI_SERVICE_MAX_BATCH_SIZE", defaults.max_batch_size),
             max_latency_ms=_env_int("MRI_SERVICE_MAX_LATENCY_MS", defaults.max_latency_ms),
+            torch_threads=_env_int("MRI_SERVICE_TORCH_THREADS", defaults.torch_threads),
             precision=os.environ.get("MRI_SERVICE_PRECISION", defaults.precision),
             tile=_env_int("MRI_SERVICE_TILE", defaults.tile),
             tile_overlap=_env_int("MRI_SERVICE_TILE_OVERLAP", defaults.tile_overlap),
@@ -274,7 +277,7 @@ class MRIDenoiser:
 
     def __init__(self) -> None:
         global _instance
-        self.threads = configure_threads()
+        self.threads = configure_threads(SETTINGS.torch_threads)
         self.denoiser = Denoiser(
             self.model_ref.path, precision=SETTINGS.precision, tile=SETTINGS.tile, overlap=SETTINGS.tile_overlap
         )

@@ -6,6 +6,7 @@ import gzip
 import http.client
 import io
 import json
+import os
 import re
 import socket
 import threading
@@ -26,7 +27,7 @@ from mri_platform.metrics import psnr_per_image
 from mri_platform.models import ModelConfig, build_model
 from mri_platform.noise import NoiseConfig, fixed_noisy
 from service import imaging
-from service.denoiser import Denoiser, tile_spans
+from service.denoiser import Denoiser, configure_threads, tile_spans
 from service.imaging import InputError, Limits
 
 EXAMPLE_4D = resources.files("nibabel") / "tests/data/example4d.nii.gz"
@@ -166,6 +167,29 @@ def test_a_report_model_is_still_resized_to_64_and_back_and_says_so(tmp_path, t1
     out = denoiser(t1_slice[None])
     assert out.shape == (1, 256, 256)
     np.testing.assert_allclose(out[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("files", "threads"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2),  # a pod limited to 2 CPUs (cgroup v2)
+        ({"cpu.max": "50000 100000\n"}, 1),  # half a core still runs one thread
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
+        ({"cpu.max": "max 100000\n"}, None),  # no limit: every core
+        ({}, None),  # no cgroup files at all
+    ],
+)
+def test_forward_threads_follow_a_containers_cpu_limit_not_the_nodes_cores(tmp_path, files, threads):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    before = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+        assert configure_threads(cgroup=tmp_path) == min(threads or cores, cores) == torch.get_num_threads()
+        assert configure_threads(3, cgroup=tmp_path) == 3  # MRI_SERVICE_TORCH_THREADS wins
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_decompression_bomb_is_refused_from_its_header():

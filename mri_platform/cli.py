@@ -222,7 +222,7 @@ def evaluate(
     model_uri: Annotated[
         str, typer.Option(help="models:/mri-denoiser@champion, models:/NAME/VERSION, or a checkpoint.")
     ],
-    data: Data = "builtin",
+    data: TrainData = "builtin",
     planes: Planes = "axial",
     noise_variance: NoiseVariance = None,
     noise_std: NoiseStd = None,
@@ -250,7 +250,12 @@ def evaluate(
 
     try:
         noise = _noise(noise_variance, noise_std, noise_kind, no_clip)
-        slices = load_any(data, planes=tuple(planes.split(",")), size=size)
+        if data and data.startswith("s3://"):
+            from mri_platform.streaming import read_source
+
+            slices = read_source(data, planes=tuple(planes.split(",")), size=size)
+        else:
+            slices = load_any(data, planes=tuple(planes.split(",")), size=size)
         report = run_evaluation(
             model_uri,
             slices,
@@ -287,7 +292,7 @@ def evaluate(
 def promote(
     version: Annotated[list[str], typer.Option(help="Candidate registry version(s); repeat to compare several.")],
     name: Annotated[str, typer.Option(help="Registered model name.")] = "mri-denoiser",
-    data: Data = "builtin",
+    data: TrainData = "builtin",
     noise_variance: NoiseVariance = None,
     noise_std: NoiseStd = None,
     seed: Annotated[int, typer.Option(help="Seed of the fixed evaluation noise.")] = 1234,
@@ -300,7 +305,13 @@ def promote(
 
     try:
         noise = _noise(noise_variance, noise_std, None, False)
-        outcome = run_promotion(name, version, load_splits(data)[1], noise=noise, seed=seed, tracking_uri=tracking_uri)
+        if data and data.startswith("s3://"):  # the held-out files of the split a streamed training run made
+            from mri_platform.streaming import read_held_out
+
+            held_out = read_held_out(data)
+        else:
+            held_out = load_splits(data)[1]
+        outcome = run_promotion(name, version, held_out, noise=noise, seed=seed, tracking_uri=tracking_uri)
     except (ValueError, DataError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from exc
     for v, s in outcome["scores"].items():

@@ -153,6 +153,41 @@ def split_files(data: str, test_fraction: float = 0.2, seed: int = 0) -> FileSpl
     )
 
 
+def read_files(paths: list[str], labels: dict[str, str], filesystem: Any, source: str, *,
+               planes: tuple[str, ...], size: int | str) -> SliceSet:  # fmt: skip
+    """The slices of `paths` read one file at a time in this process, as the in-memory path loads a local source:
+    what `evaluate` and `promote` score (they hold their evaluation set in memory anyway), from S3 as from disk."""
+    names: list[str] = []
+    images: list[np.ndarray] = []
+    groups: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for path in paths:
+        with filesystem.open_input_stream(path) as stream:
+            file_names, file_images, why = file_slices(stream.read(), labels[path], planes=planes, size=size)
+        if why:
+            skipped.append((path, why))
+        names += file_names
+        images += file_images
+        groups += [labels[path]] * len(file_names)
+    if not images:
+        raise DataError(f"no usable slices in the {len(paths)} files of {source}: {skipped[:3]}")
+    return SliceSet(pack(images), np.array(groups, dtype=str), names, source, skipped)
+
+
+def read_source(data: str, *, planes: tuple[str, ...] = ("axial",), size: int | str = 64) -> SliceSet:
+    """Every slice of a source on disk or on S3, read in this process (see `read_files`)."""
+    paths, labels, filesystem, source = list_files(data)
+    return read_files(paths, labels, filesystem, source, planes=planes, size=size)
+
+
+def read_held_out(data: str, *, planes: tuple[str, ...] = ("axial",), size: int | str = 64,
+                  test_fraction: float = 0.2, seed: int = 0) -> SliceSet:  # fmt: skip
+    """The whole held-out split that a streamed run of the same settings leaves out of training, read in this
+    process (see `read_files`)."""
+    split = split_files(data, test_fraction, seed)
+    return read_files(split.held_out, split.labels, split.filesystem, split.source, planes=planes, size=size)
+
+
 # ----------------------------------------------------------------------------------------------- Ray Data tasks
 class _Slicer:
     """A Ray Data task's work on one file: its usable slices as rows (float32 pixels as bytes, with their shape,

@@ -2,7 +2,10 @@
 run and a search read real MRI volumes from SeaweedFS S3 with Ray Data, train on both nodes, checkpoint to S3 and
 land in an MLflow server. The driver never loads the volumes (load_splits is made to fail)."""
 
+import json
+
 import boto3
+import numpy as np
 import pytest
 
 from mri_platform import data, tracking
@@ -113,3 +116,33 @@ def test_a_search_on_two_nodes_from_s3(two_nodes, cohort, s3, mlflow_server, dri
     nodes = {r.data.tags["worker_nodes"] for r in nested}
     assert len(nodes) == 2, f"the two trials' workers should run on different nodes: {nodes}"
     assert any(k.endswith("checkpoint.pt") for k in _s3_keys(s3, f"multinode-sweeps/{summary['name']}"))
+
+
+def test_evaluate_and_promote_read_s3_data_as_they_read_it_from_disk(cohort, s3, tmp_path, native_checkpoint):
+    from typer.testing import CliRunner
+
+    from mri_platform import streaming
+    from mri_platform.cli import app
+
+    local = tmp_path / "cohort"
+    local.mkdir()
+    for package, relative in VOLUMES:
+        path = data._package_file(package, relative)
+        (local / path.name).write_bytes(path.read_bytes())
+    from_s3, from_disk = streaming.read_source(cohort), data.load_any(str(local))
+    assert len(from_s3) == len(from_disk) > 100 and from_s3.source == f"nifti:{cohort}"
+    assert sorted(from_s3.names) == sorted(from_disk.names)
+    by_name = dict(zip(from_disk.names, from_disk.images, strict=True))
+    assert all(np.array_equal(image, by_name[name]) for name, image in zip(from_s3.names, from_s3.images, strict=True))
+
+    held_out = streaming.read_held_out(cohort)
+    split = streaming.split_files(cohort)
+    assert set(held_out.groups) == {split.labels[p] for p in split.held_out}  # the files a streamed run left out
+
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        app, ["evaluate", "--model-uri", str(native_checkpoint), "--data", cohort, "--json", str(report)]
+    )
+    assert result.exit_code == 0, result.output
+    scored = json.loads(report.read_text())
+    assert scored["n_images"] == len(from_s3) and scored["psnr"] > scored["noisy_psnr"] + 3

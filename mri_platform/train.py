@@ -308,7 +308,8 @@ def fit(
     recorder = recovery.EpochRecorder(uri, run_id, config.max_failures)
     if streamed:
         data_refs = {"streamed": {"n_train": n_train}}
-        datasets = {"datasets": {"train": streamed.train, "val": streamed.held_out},
+        rows = config.num_epochs * (config.steps_per_epoch * config.batch_size if config.steps_per_epoch else n_train)
+        datasets = {"datasets": {"train": streamed.for_run(rows), "val": streamed.held_out},
                     "dataset_config": ray.train.DataConfig(datasets_to_split=["train"])}  # fmt: skip
     else:
         data_refs, datasets = {"train_ref": ray.put(train_set.images), "val_ref": ray.put(val_set)}, {}

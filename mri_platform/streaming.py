@@ -228,14 +228,33 @@ def images_of(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
     ]
 
 
-def slice_set(batches: list[dict[str, np.ndarray]], source: str) -> SliceSet:
-    """Rows gathered from a dataset as a SliceSet ordered by slice name, whatever order the blocks came in."""
-    names = [str(n) for b in batches for n in b["name"]]
-    groups = [str(g) for b in batches for g in b["group"]]
-    images = [image for b in batches for image in images_of(b)]
-    order = np.argsort(names, kind="stable")
-    return SliceSet(pack([images[i] for i in order]), np.array([groups[i] for i in order], dtype=str),
-                    [names[i] for i in order], source)  # fmt: skip
+def slice_set(rows: list[dict[str, Any]], source: str) -> SliceSet:
+    """Rows of `read_slices` as a SliceSet, in their order."""
+    images = [np.frombuffer(r["pixels"], dtype=np.float32).reshape(int(r["height"]), int(r["width"])) for r in rows]
+    return SliceSet(pack(images), np.array([str(r["group"]) for r in rows], dtype=str), [str(r["name"]) for r in rows],
+                    source)  # fmt: skip
+
+
+def held_out_sample(split: FileSplit, planes: tuple[str, ...], size: int | str) -> SliceSet:
+    """The first `HELD_OUT_SAMPLE` held-out slices by name, read from as few files as hold them.
+
+    A slice's name starts with its file's label, so the first slices by name are those of the first files by label:
+    the files are read in that order, a few first, then as many more as the slices per file so far say are missing,
+    and only what was read is sorted. No sort of the whole held-out split (which read and shuffled every held-out
+    file, as long as reading the training files); what the driver holds is bounded by the sample, not the cohort.
+    """
+    files = sorted(split.held_out, key=lambda p: split.labels[p])
+    rows: list[dict[str, Any]] = []
+    read, wanted = 0, 4
+    while read < len(files) and len(rows) < HELD_OUT_SAMPLE:
+        chunk = files[read : read + wanted]
+        rows += read_slices(chunk, split, planes, size).take_all()
+        read += len(chunk)
+        per_file = max(1.0, len(rows) / read)
+        wanted = max(1, math.ceil(1.2 * (HELD_OUT_SAMPLE - len(rows)) / per_file))
+    if not rows:
+        raise DataError(f"no usable slices in the {len(split.held_out)} held-out files of {split.source}")
+    return slice_set(sorted(rows, key=lambda r: r["name"])[:HELD_OUT_SAMPLE], split.source)
 
 
 @dataclass
@@ -244,13 +263,10 @@ class Streamed:
 
     train: Any
     """ray.data.MaterializedDataset of the training files' slices, in the object store."""
-    held_out: Any
-    """The first `HELD_OUT_SAMPLE` held-out slices by name, materialized."""
+    held_out: SliceSet
+    """The first `HELD_OUT_SAMPLE` held-out slices by name (`held_out_sample`)."""
     n_train: int
     split: FileSplit
-
-    def held_out_set(self) -> SliceSet:
-        return slice_set(list(self.held_out.iter_batches(batch_size=256, batch_format="numpy")), self.split.source)
 
     def for_run(self, rows: int):
         """The training slices repeated so that one pass holds the `rows` a run trains on (epochs x steps x global
@@ -262,7 +278,8 @@ class Streamed:
 
 def prepare(data: str, *, planes: tuple[str, ...], size: int | str, test_fraction: float, seed: int) -> Streamed:
     """Split `data`'s files, then read and slice them in Ray Data tasks on the whole cluster (before the Train
-    workers take their CPUs), keeping the slices in the object store: the driver gets references only."""
+    workers take their CPUs), keeping the training slices in the object store: the driver gets references and the
+    held-out sample only."""
     import ray.data
 
     context = ray.data.DataContext.get_current()  # travels with the datasets, to the workers' split coordinator
@@ -275,10 +292,7 @@ def prepare(data: str, *, planes: tuple[str, ...], size: int | str, test_fractio
             f"no usable slices in the {len(split.train)} training files of {split.source}; the workers' log lines "
             "'skipped PATH: why' say what was wrong with each"
         )
-    held_out = read_slices(split.held_out, split, planes, size).sort("name").limit(HELD_OUT_SAMPLE).materialize()
-    if held_out.count() == 0:
-        raise DataError(f"no usable slices in the {len(split.held_out)} held-out files of {split.source}")
-    return Streamed(train, held_out, n_train, split)
+    return Streamed(train, held_out_sample(split, planes, size), n_train, split)
 
 
 def prepare_held_out(data: str, *, planes: tuple[str, ...], size: int | str, test_fraction: float, seed: int
@@ -286,8 +300,7 @@ def prepare_held_out(data: str, *, planes: tuple[str, ...], size: int | str, tes
     """The held-out sample `prepare` gives a run of the same settings, read alone: what a search scores its best
     trial on."""
     split = split_files(data, test_fraction, seed)
-    held_out = read_slices(split.held_out, split, planes, size).sort("name").limit(HELD_OUT_SAMPLE)
-    return slice_set(list(held_out.iter_batches(batch_size=256, batch_format="numpy")), split.source)
+    return held_out_sample(split, planes, size)
 
 
 # ----------------------------------------------------------------------------------------------- on the worker

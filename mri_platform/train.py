@@ -77,13 +77,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
 
     streamed = cfg.get("streamed")
-    if streamed:  # Ray Data: every rank reads the whole held-out sample and streams its own share of training rows
-        from mri_platform.streaming import ShardLoader, slice_set
-
-        val_shard = ray.train.get_dataset_shard("val")
-        val_set = slice_set(list(val_shard.iter_batches(batch_size=256, batch_format="numpy")), "ray-data")
-    else:
-        val_set = ray.get(cfg["val_ref"])
+    val_set = ray.get(cfg["val_ref"])
     # The same corruption whatever the world size: drawn for the whole set, then each rank takes its share.
     val_pairs = [
         (clean[rank::world].to(device, memory_format=memory_format),
@@ -91,7 +85,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         for clean, noisy in corrupted(val_set, config.noise, config.eval_seed)
     ]  # fmt: skip
     steps = config.steps_per_epoch
-    if streamed:
+    if streamed:  # Ray Data: each rank streams its own share of the training rows
+        from mri_platform.streaming import ShardLoader
+
         rows = streamed["n_train"] // world
         loader = ShardLoader(
             ray.train.get_dataset_shard("train"),
@@ -270,7 +266,7 @@ def fit(
 
         streamed = prepare(config.data, planes=config.planes, size=config.size, test_fraction=config.test_fraction,
                            seed=config.seed)  # fmt: skip
-        val_set = streamed.held_out_set()
+        val_set = streamed.held_out
         source, n_train, fingerprint = streamed.split.source, streamed.n_train, streamed.split.fingerprint()
         print(f"Ray Data: {n_train} training slices of {len(streamed.split.train)} files, {len(val_set)} held-out "
               f"slices of {len(streamed.split.held_out)} files, from {source}", flush=True)  # fmt: skip
@@ -309,11 +305,11 @@ def fit(
     if streamed:
         data_refs = {"streamed": {"n_train": n_train}}
         rows = config.num_epochs * (config.steps_per_epoch * config.batch_size if config.steps_per_epoch else n_train)
-        datasets = {"datasets": {"train": streamed.for_run(rows), "val": streamed.held_out},
-                    "dataset_config": ray.train.DataConfig(datasets_to_split=["train"])}  # fmt: skip
+        datasets = {"datasets": {"train": streamed.for_run(rows)}}
     else:
-        data_refs, datasets = {"train_ref": ray.put(train_set.images), "val_ref": ray.put(val_set)}, {}
+        data_refs, datasets = {"train_ref": ray.put(train_set.images)}, {}
         del train_set  # the object store holds it now
+    data_refs["val_ref"] = ray.put(val_set)  # every rank validates on all of it, its share by rank
     trainer = TorchTrainer(
         train_loop_per_worker,
         **datasets,

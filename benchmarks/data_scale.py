@@ -3,9 +3,10 @@
 Cohorts of N volumes are made from the built-in data's four real volumes (the MNI152 T1 template, nibabel's EPI,
 dipy's b0 and anisotropic EPI) by resampling each copy with random per-axis zooms (0.5-0.8, trilinear) and a random
 left-right flip: resampled real MRI, not new scans. Each cohort is written to a SeaweedFS S3 bucket (and to local
-disk for the in-memory path). Every cell is one `train` run of AE1 in its own driver process (2 workers x 1 CPU,
-the same steps per epoch, so every cell does the same training work): its driver's peak RSS, its images/s (mean
-of the epochs after the first) and its wall time. Run inside a loopback-only namespace:
+disk for the in-memory path); the `prepared` path first slices it once with `mri-platform prepare` into Parquet on
+S3 (timed apart: "prepare s") and trains on those slices. Every cell is one `train` run of AE1 in its own driver
+process (2 workers x 1 CPU, the same steps per epoch, so every cell does the same training work): its driver's peak
+RSS, its images/s (mean of the epochs after the first) and its wall time. Run inside a loopback-only namespace:
 
     scripts/isolated .venv/bin/python benchmarks/data_scale.py --sizes 20,200
 """
@@ -74,12 +75,26 @@ def run(settings: dict, env: dict) -> dict:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
+def prepare(source: str, destination: str, env: dict) -> tuple[str, float]:
+    """`mri-platform prepare SOURCE DESTINATION` (its own driver process); returns the destination and its wall s."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "mri_platform", "prepare", source, destination], env=env,
+                          capture_output=True, text=True, timeout=1800)  # fmt: skip
+    if done.returncode:
+        raise RuntimeError(f"prepare failed ({done.returncode}): {done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return destination, time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="20,200", help="cohort sizes in volumes, smallest first")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30, help="optimiser steps per epoch (global batch 32)")
-    parser.add_argument("--paths", default="ray-data,memory")
+    parser.add_argument(
+        "--paths",
+        default="ray-data,memory,prepared",
+        help="ray-data (volumes on S3), memory (on local disk), prepared (slices on S3 from `mri-platform prepare`)",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="data-scale-"))
@@ -100,22 +115,26 @@ def main() -> None:
             print(f"cohort of {n} volumes: {megabytes:.0f} MB gzipped, made and uploaded in "
                   f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
             for loading in args.paths.split(","):
-                source = f"s3://{s3.extra['bucket']}/cohort{n}" if loading == "ray-data" else str(work / f"cohort{n}")
+                source = str(work / f"cohort{n}") if loading == "memory" else f"s3://{s3.extra['bucket']}/cohort{n}"
+                prepare_s = 0.0
+                if loading == "prepared":
+                    source, prepare_s = prepare(source, f"s3://{s3.extra['bucket']}/prepared{n}", env)
                 settings = {"model": "ae1", "epochs": args.epochs, "steps_per_epoch": args.steps, "workers": 2,
-                            "data": source, "loading": loading, "registered_model": "",
-                            "tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+                            "data": source, "loading": "memory" if loading == "memory" else "ray-data",
+                            "registered_model": "", "tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
                             "storage": str(work / "ckpt")}  # fmt: skip
                 result = run(settings, env)
-                rows.append({"volumes": n, "loading": loading, **result})
+                rows.append({"volumes": n, "loading": loading, "prepare_s": prepare_s, **result})
                 print(rows[-1], flush=True)
     finally:
         services.stop(s3, timeout=3)
 
-    print(f"\n{'volumes':>7} {'path':>9} {'driver peak RSS MB':>18} {'img/s':>7} {'wall s':>7} {'PSNR dB':>8}")
+    print(f"\n{'volumes':>7} {'path':>9} {'driver peak RSS MB':>18} {'img/s':>7} {'wall s':>7} {'prepare s':>9} "
+          f"{'PSNR dB':>8}")  # fmt: skip
     for r in rows:
         print(
             f"{r['volumes']:7d} {r['loading']:>9} {r['rss_mb']:18.0f} {r['images_per_s']:7.0f} {r['wall_s']:7.0f} "
-            f"{r['psnr']:8.2f}"
+            f"{r['prepare_s']:9.0f} {r['psnr']:8.2f}"
         )
     for loading in args.paths.split(","):
         cells = [r for r in rows if r["loading"] == loading]
@@ -124,9 +143,10 @@ def main() -> None:
                   f"{cells[-1]['volumes'] / cells[0]['volumes']:.0f}x the volumes")  # fmt: skip
     for n in sizes:
         by = {r["loading"]: r for r in rows if r["volumes"] == n}
-        if {"ray-data", "memory"} <= by.keys():
-            ratio = by["ray-data"]["images_per_s"] / by["memory"]["images_per_s"]
-            print(f"{n} volumes: Ray Data / in-memory training img/s = {ratio:.0%}")
+        for loading in ("ray-data", "prepared"):
+            if {loading, "memory"} <= by.keys():
+                ratio = by[loading]["images_per_s"] / by["memory"]["images_per_s"]
+                print(f"{n} volumes: {loading} / in-memory training img/s = {ratio:.0%}")
 
 
 if __name__ == "__main__":

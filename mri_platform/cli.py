@@ -492,3 +492,30 @@ def export_slices(
     shapes = sorted({tuple(image.shape) for image in images})
     sizes = f"{shapes[0][0]} x {shapes[0][1]}" if len(shapes) == 1 else f"{len(shapes)} sizes"
     typer.echo(f"wrote {len(images)} {split} slices ({sizes}) to {out}")
+
+
+@app.command("prepare")
+def prepare_cohort(
+    src: Annotated[str, typer.Argument(help="A folder of NIfTI volumes or JPEG/PNG images, or s3://bucket/prefix.")],
+    dst: Annotated[str, typer.Argument(help="Where the slices go: a folder or s3://bucket/prefix (then --data DST).")],
+    planes: Planes = "axial",
+    size: Annotated[str, typer.Option(help="Slice side: 64 (the report's), any N, or 'native'.")] = "64",
+    test_fraction: Annotated[float, typer.Option(help="Held-out share of the files, split by volume.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+) -> None:
+    """Slice a cohort once and write it as Parquet with a manifest: runs with --data DST read the slices instead of
+    decoding every volume (with Ray Data; the split is the one made here, by volume)."""
+    from mri_platform.cluster import init_ray
+    from mri_platform.data import DataError
+    from mri_platform.streaming import write_prepared
+
+    init_ray({"CPU": 1})
+    try:
+        manifest = write_prepared(src, dst, planes=tuple(planes.split(",")), size=int(size) if size.isdigit() else size,
+                                  test_fraction=test_fraction, seed=seed)  # fmt: skip
+    except (ValueError, DataError) as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(
+        f"wrote {manifest['n_train']} training slices of {len(manifest['train'])} files and a held-out sample of "
+        f"{manifest['n_held_out_sample']} slices of {len(manifest['held_out'])} files to {dst}"
+    )

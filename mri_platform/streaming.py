@@ -9,12 +9,16 @@ Each Train worker streams its shard (`ray.train.get_dataset_shard`) and cuts its
 
 The driver holds file names and at most `HELD_OUT_SAMPLE` held-out slices, which it scores the best checkpoint on;
 the workers validate every epoch on the same sample.
+
+`mri-platform prepare SRC DST` (`write_prepared`) slices a cohort once into Parquet with a manifest; a run on DST
+reads those slices, with the split made there, instead of decoding every volume again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 import os
 import sys
@@ -32,6 +36,12 @@ from mri_platform.pipeline import SliceDataset
 HELD_OUT_SAMPLE = 512
 """Held-out slices (the first by name) that workers validate on each epoch and the driver scores at the end: the
 driver's memory stays bounded whatever the cohort's size."""
+
+
+MANIFEST = "manifest.json"
+"""What `write_prepared` leaves beside the slices it writes: a source holding one is read as prepared slices."""
+ROWS_PER_SHARD = 4096
+"""Slices per Parquet file of a prepared cohort (64 MB at 64 x 64): few files, each read by one task."""
 
 
 def uses_ray_data(loading: str, data: str | None) -> bool:
@@ -235,8 +245,8 @@ def slice_set(rows: list[dict[str, Any]], source: str) -> SliceSet:
                     source)  # fmt: skip
 
 
-def held_out_sample(split: FileSplit, planes: tuple[str, ...], size: int | str) -> SliceSet:
-    """The first `HELD_OUT_SAMPLE` held-out slices by name, read from as few files as hold them.
+def _held_out_rows(split: FileSplit, planes: tuple[str, ...], size: int | str) -> list[dict[str, Any]]:
+    """The first `HELD_OUT_SAMPLE` held-out slices by name, as rows, read from as few files as hold them.
 
     A slice's name starts with its file's label, so the first slices by name are those of the first files by label:
     the files are read in that order, a few first, then as many more as the slices per file so far say are missing,
@@ -254,7 +264,12 @@ def held_out_sample(split: FileSplit, planes: tuple[str, ...], size: int | str) 
         wanted = max(1, math.ceil(1.2 * (HELD_OUT_SAMPLE - len(rows)) / per_file))
     if not rows:
         raise DataError(f"no usable slices in the {len(split.held_out)} held-out files of {split.source}")
-    return slice_set(sorted(rows, key=lambda r: r["name"])[:HELD_OUT_SAMPLE], split.source)
+    return sorted(rows, key=lambda r: r["name"])[:HELD_OUT_SAMPLE]
+
+
+def held_out_sample(split: FileSplit, planes: tuple[str, ...], size: int | str) -> SliceSet:
+    """The first `HELD_OUT_SAMPLE` held-out slices by name (see `_held_out_rows`)."""
+    return slice_set(_held_out_rows(split, planes, size), split.source)
 
 
 @dataclass
@@ -284,23 +299,104 @@ def prepare(data: str, *, planes: tuple[str, ...], size: int | str, test_fractio
 
     context = ray.data.DataContext.get_current()  # travels with the datasets, to the workers' split coordinator
     context.enable_progress_bars = False  # a bar per dataset and epoch floods the log; the epoch line says enough
+    manifest = _manifest(data)
+    if manifest:
+        return _read_prepared(data, manifest, planes, size)
     split = split_files(data, test_fraction, seed)
+    train = _training_slices(split, planes, size)
+    return Streamed(train, held_out_sample(split, planes, size), train.count(), split)
+
+
+def _training_slices(split: FileSplit, planes: tuple[str, ...], size: int | str):
+    """The training files' slices, materialized in the object store."""
     train = read_slices(split.train, split, planes, size).materialize()
-    n_train = train.count()
-    if n_train == 0:
+    if train.count() == 0:
         raise DataError(
             f"no usable slices in the {len(split.train)} training files of {split.source}; the workers' log lines "
             "'skipped PATH: why' say what was wrong with each"
         )
-    return Streamed(train, held_out_sample(split, planes, size), n_train, split)
+    return train
 
 
 def prepare_held_out(data: str, *, planes: tuple[str, ...], size: int | str, test_fraction: float, seed: int
                      ) -> SliceSet:  # fmt: skip
     """The held-out sample `prepare` gives a run of the same settings, read alone: what a search scores its best
     trial on."""
-    split = split_files(data, test_fraction, seed)
-    return held_out_sample(split, planes, size)
+    manifest = _manifest(data)
+    if manifest:
+        return _prepared_held_out(data, _prepared_split(data, manifest, planes, size))
+    return held_out_sample(split_files(data, test_fraction, seed), planes, size)
+
+
+# ----------------------------------------------------------------------------------------------- prepared cohorts
+def write_prepared(src: str, dst: str, *, planes: tuple[str, ...], size: int | str, test_fraction: float,
+                   seed: int) -> dict[str, Any]:  # fmt: skip
+    """Split `src`'s files by volume, slice them once in Ray Data tasks, and write the slices to `dst` (a folder or
+    s3://bucket/prefix): `train/` as Parquet files of `ROWS_PER_SHARD` slices, `held_out.parquet` the held-out
+    sample, and `manifest.json` (settings, split, counts). A run with `--data DST` reads these slices instead of
+    decoding every volume again (see the README for what that saves). Returns the manifest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    split = split_files(src, test_fraction, seed)
+    filesystem, root = _filesystem(dst)
+    train = _training_slices(split, planes, size)
+    n_train = train.count()
+    train.repartition(math.ceil(n_train / ROWS_PER_SHARD)).write_parquet(f"{root}/train", filesystem=filesystem)
+    held_out = _held_out_rows(split, planes, size)
+    pq.write_table(pa.Table.from_pylist(held_out), f"{root}/held_out.parquet", filesystem=filesystem)
+    manifest = {
+        "source": split.source, "planes": list(planes), "size": size, "test_fraction": test_fraction, "seed": seed,
+        "train": [split.labels[p] for p in split.train], "held_out": [split.labels[p] for p in split.held_out],
+        "n_train": n_train, "n_held_out_sample": len(held_out),
+    }  # fmt: skip
+    with filesystem.open_output_stream(f"{root}/{MANIFEST}") as stream:
+        stream.write(json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def _manifest(data: str | None) -> dict[str, Any] | None:
+    """The manifest `write_prepared` left in `data`, or None for any other source."""
+    import pyarrow.fs
+
+    if data is None or data == "builtin":
+        return None
+    filesystem, root = _filesystem(data)
+    if filesystem.get_file_info(f"{root}/{MANIFEST}").type != pyarrow.fs.FileType.File:
+        return None
+    with filesystem.open_input_stream(f"{root}/{MANIFEST}") as stream:
+        return json.loads(stream.read())
+
+
+def _prepared_split(data: str, manifest: dict[str, Any], planes: tuple[str, ...], size: int | str) -> FileSplit:
+    """The split a cohort was prepared with (whatever a run's test fraction and seed), once its settings match."""
+    if list(planes) != manifest["planes"] or size != manifest["size"]:
+        raise DataError(
+            f"{data} holds slices prepared with planes {','.join(manifest['planes'])} and size {manifest['size']}; "
+            f"train with those, or prepare the cohort again for planes {','.join(planes)} and size {size}"
+        )
+    return FileSplit(
+        train=manifest["train"],
+        held_out=manifest["held_out"],
+        labels={label: label for label in manifest["train"] + manifest["held_out"]},
+        filesystem=_filesystem(data)[0],
+        source=f"prepared:{data} (from {manifest['source']})",
+    )
+
+
+def _prepared_held_out(data: str, split: FileSplit) -> SliceSet:
+    import pyarrow.parquet as pq
+
+    path = f"{_filesystem(data)[1]}/held_out.parquet"
+    return slice_set(pq.read_table(path, filesystem=split.filesystem).to_pylist(), split.source)
+
+
+def _read_prepared(data: str, manifest: dict[str, Any], planes: tuple[str, ...], size: int | str) -> Streamed:
+    import ray.data
+
+    split = _prepared_split(data, manifest, planes, size)
+    train = ray.data.read_parquet(f"{_filesystem(data)[1]}/train", filesystem=split.filesystem).materialize()
+    return Streamed(train, _prepared_held_out(data, split), manifest["n_train"], split)
 
 
 # ----------------------------------------------------------------------------------------------- on the worker

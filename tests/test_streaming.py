@@ -94,3 +94,28 @@ def test_every_epoch_takes_its_steps_from_one_pass_sized_for_the_run(local_ray):
         for shapes, started in _epochs(dataset, epochs=epochs, steps=steps, batch=batch, rows=n // 2):
             assert shapes == [[((batch, 1, 16, 16), True)] * steps] * epochs
             assert started == passes
+
+
+def test_a_prepared_cohort_gives_a_run_the_same_slices_without_its_volumes(local_ray, cohort, tmp_path):
+    from typer.testing import CliRunner
+
+    from mri_platform.cli import app
+
+    source, prepared = tmp_path / "source", tmp_path / "prepared"
+    shutil.copytree(cohort, source)
+    done = CliRunner().invoke(app, ["prepare", str(source), str(prepared), "--size", "32", "--test-fraction", "0.25"])
+    assert done.exit_code == 0, done.output
+    direct = streaming.prepare(str(source), planes=("axial",), size=32, test_fraction=0.25, seed=0)
+    shutil.rmtree(source)  # a run on prepared slices needs nothing of the volumes
+
+    # the split is the prepared one, whatever the run's fraction and seed
+    streamed = streaming.prepare(str(prepared), planes=("axial",), size=32, test_fraction=0.5, seed=7)
+    assert streamed.n_train == direct.n_train == streamed.train.count()
+    assert streamed.split.fingerprint() == direct.split.fingerprint()
+    assert sorted(r["name"] for r in streamed.train.take_all()) == sorted(r["name"] for r in direct.train.take_all())
+    assert streamed.held_out.names == direct.held_out.names
+    np.testing.assert_array_equal(streamed.held_out.images, direct.held_out.images)
+    held_out = streaming.prepare_held_out(str(prepared), planes=("axial",), size=32, test_fraction=0.2, seed=0)
+    assert held_out.names == direct.held_out.names
+    with pytest.raises(data.DataError, match="prepared with planes axial and size 32"):
+        streaming.prepare(str(prepared), planes=("axial",), size=64, test_fraction=0.25, seed=0)

@@ -102,7 +102,10 @@ def main() -> None:
     try:
         env = {**os.environ, "AWS_ENDPOINT_URL": s3.url, "AWS_ACCESS_KEY_ID": s3.extra["access_key"],
                "AWS_SECRET_ACCESS_KEY": s3.extra["secret_key"], "AWS_DEFAULT_REGION": "us-east-1",
-               "MRI_PLATFORM_HOME": str(work / "state")}  # fmt: skip
+               "MRI_PLATFORM_HOME": str(work / "state"),
+               # Ray's own folder: a driver without RAY_ADDRESS joins the cluster of the last `ray start` it finds in
+               # RAY_TMPDIR (another job's on a shared machine), which refuses a local cluster's options.
+               "RAY_TMPDIR": str(work)}  # fmt: skip
         client = boto3.client("s3", endpoint_url=s3.url, aws_access_key_id=s3.extra["access_key"],
                               aws_secret_access_key=s3.extra["secret_key"], region_name="us-east-1")  # fmt: skip
         rows = []

@@ -88,7 +88,9 @@ def init_ray(
             level = announcer.level
             announcer.setLevel(logging.ERROR)
             try:
-                ray.init(log_to_driver=True, **_start_local())
+                # "local": without it ray.init joins whichever cluster the machine's last `ray start` recorded
+                # (another user's job, a `stack up`), and fails there on the resources a new cluster is given.
+                ray.init(address="local", log_to_driver=True, **_start_local())
             finally:
                 announcer.setLevel(level)
     need = {name: amount * workers for name, amount in per_worker.items() if amount}

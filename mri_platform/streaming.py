@@ -187,7 +187,10 @@ def read_files(paths: list[str], labels: dict[str, str], filesystem: Any, source
 
 
 def read_source(data: str, *, planes: tuple[str, ...] = ("axial",), size: int | str = 64) -> SliceSet:
-    """Every slice of a source on disk or on S3, read in this process (see `read_files`)."""
+    """Every slice of a source on disk or on S3, read in this process (see `read_files`); of a prepared cohort, its
+    held-out sample (its other slices were trained on), at the planes and size it was prepared with."""
+    if manifest := _manifest(data):
+        return _prepared_sample(data, manifest)
     paths, labels, filesystem, source = list_files(data)
     return read_files(paths, labels, filesystem, source, planes=planes, size=size)
 
@@ -195,9 +198,16 @@ def read_source(data: str, *, planes: tuple[str, ...] = ("axial",), size: int | 
 def read_held_out(data: str, *, planes: tuple[str, ...] = ("axial",), size: int | str = 64,
                   test_fraction: float = 0.2, seed: int = 0) -> SliceSet:  # fmt: skip
     """The whole held-out split that a streamed run of the same settings leaves out of training, read in this
-    process (see `read_files`)."""
+    process (see `read_files`); of a prepared cohort, the held-out sample its runs are scored on."""
+    if manifest := _manifest(data):
+        return _prepared_sample(data, manifest)
     split = split_files(data, test_fraction, seed)
     return read_files(split.held_out, split.labels, split.filesystem, split.source, planes=planes, size=size)
+
+
+def _prepared_sample(data: str, manifest: dict[str, Any]) -> SliceSet:
+    split = _prepared_split(data, manifest, tuple(manifest["planes"]), manifest["size"])
+    return _prepared_held_out(data, split)
 
 
 # ----------------------------------------------------------------------------------------------- Ray Data tasks

@@ -119,3 +119,6 @@ def test_a_prepared_cohort_gives_a_run_the_same_slices_without_its_volumes(local
     assert held_out.names == direct.held_out.names
     with pytest.raises(data.DataError, match="prepared with planes axial and size 32"):
         streaming.prepare(str(prepared), planes=("axial",), size=64, test_fraction=0.25, seed=0)
+    # evaluate and promote score the held-out sample too, at the size it was prepared at
+    for scored in (streaming.read_source(str(prepared)), streaming.read_held_out(str(prepared))):
+        assert scored.names == direct.held_out.names and scored.images.shape[1:] == (32, 32)

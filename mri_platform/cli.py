@@ -362,7 +362,7 @@ def serve(
 ) -> None:
     """Serve the built Bento with `bentoml serve` in the foreground (Ctrl-C stops it)."""
     from mri_platform.config import bentoml_home
-    from mri_platform.services import find_bentoml
+    from mri_platform.executables import find_bentoml
     from mri_platform.stack import BENTO, built_bento
 
     os.environ["BENTOML_HOME"] = str(bentoml_home())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import configparser
 import contextlib
-import dataclasses
 import fcntl
 import json
 import os
@@ -29,9 +28,11 @@ from typing import Annotated, Any
 
 import typer
 
-from mri_platform import services
+from mri_platform import servers, supervisor
 from mri_platform.credentials import MLFLOW_PASSWORD, MLFLOW_USERNAME, RECORD, stack_dir
-from mri_platform.services import HOST, Service
+from mri_platform.executables import find_bentoml
+from mri_platform.servers.seaweedfs import S3_REGION
+from mri_platform.supervisor import HOST, Service
 
 COMPONENTS = ("ray", "mlflow", "s3", "bento")
 """What a stack can run, in the order it is reported."""
@@ -46,8 +47,6 @@ TRAIN_DRIVER_SLOTS = 64
 """Tune trial drivers reserve the custom TRAIN_DRIVER resource instead of a CPU (README, "Searching with Ray Tune")."""
 STOP_TIMEOUT = 20.0
 """Seconds each service gets to stop gracefully before SIGKILL; SeaweedFS's filer alone takes ~15 s."""
-TAG_VARIABLE = "MRI_PLATFORM_STACK_TAG"
-"""Set in the Bento's environment (unique per start), so that ``down`` finds workers its dead leader left behind."""
 S3_CREDENTIALS = "s3-credentials"
 """The jobs' S3 keys (an AWS credentials file): read, list, write and tag in the stack's bucket, nothing else."""
 S3_ADMIN_CREDENTIALS = "s3-admin-credentials"
@@ -70,16 +69,16 @@ def load(folder: Path | None = None) -> dict[str, Service]:
     path = Path(folder or stack_dir()) / RECORD
     try:
         recorded = json.loads(path.read_text())["services"]
+        return {name: Service.from_json(data) for name, data in recorded.items()}
     except FileNotFoundError:
         return {}
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise StackError(f"{path} is damaged ({error}); stop its servers by hand and delete the file") from None
-    return {name: Service(**{**data, "log_path": Path(data["log_path"])}) for name, data in recorded.items()}
 
 
 def _save(folder: Path, record: dict[str, Service]) -> None:
     """Write the record atomically and private to the owner: it holds the Ray token and S3 keys."""
-    payload = {"services": {name: dataclasses.asdict(service) for name, service in record.items()}}
+    payload = {"services": {name: service.to_json() for name, service in record.items()}}
     tmp = folder / f".{RECORD}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -111,9 +110,9 @@ def _locked(folder: Path) -> Iterator[None]:
 
 def _state(service: Service) -> str:
     """'running' (its leader lives and its URL answers), 'not answering' or 'exited'."""
-    if not services.is_running(service):
+    if not supervisor.is_running(service):
         return "exited"
-    return "running" if services.answers(service) else "not answering"
+    return "running" if servers.answers(service) else "not answering"
 
 
 def _states(record: dict[str, Service]) -> dict[str, str]:
@@ -160,7 +159,7 @@ def built_bento(name: str = BENTO, bentoml_home: Path | None = None) -> tuple[st
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     try:
         done = subprocess.run(
-            [services.find_bentoml(), "get", tag, "-o", "json"], env=env, capture_output=True, text=True, timeout=60
+            [find_bentoml(), "get", tag, "-o", "json"], env=env, capture_output=True, text=True, timeout=60
         )
         info = json.loads(done.stdout) if done.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired, ValueError) as error:
@@ -179,7 +178,7 @@ def _s3_keys(folder: Path, *, admin: bool = False) -> tuple[str, str]:
     if parser.read(path) and parser.has_option("default", "aws_secret_access_key"):
         return parser["default"]["aws_access_key_id"], parser["default"]["aws_secret_access_key"]
     access, secret = S3_ADMIN_ACCESS_KEY if admin else S3_JOB_ACCESS_KEY, secrets.token_hex(20)
-    services.write_private(path, f"[default]\naws_access_key_id = {access}\naws_secret_access_key = {secret}\n")
+    supervisor.write_private(path, f"[default]\naws_access_key_id = {access}\naws_secret_access_key = {secret}\n")
     return access, secret
 
 
@@ -195,7 +194,7 @@ def _mlflow_credentials(folder: Path) -> tuple[str, str]:
             return MLFLOW_USERNAME, password
     (folder / "mlflow" / "basic_auth.db").unlink(missing_ok=True)
     password = secrets.token_urlsafe(24)
-    services.write_private(path, password + "\n")
+    supervisor.write_private(path, password + "\n")
     return MLFLOW_USERNAME, password
 
 
@@ -330,7 +329,7 @@ def _plans(
                 AWS_ENDPOINT_URL=urls["s3"],
                 AWS_ACCESS_KEY_ID=access,
                 AWS_SECRET_ACCESS_KEY=secret,
-                AWS_DEFAULT_REGION=services.S3_REGION,
+                AWS_DEFAULT_REGION=S3_REGION,
             )
         plans["ray"] = {
             "port": ports["ray"],
@@ -363,8 +362,8 @@ def _changed(before: dict[str, Any], after: dict[str, Any]) -> str:
 def _check_ports(ports: dict[str, int]) -> None:
     """Fail before starting anything when a port is taken, naming the option that moves the service."""
     for name, port in ports.items():
-        if not services.port_free(port):
-            suggestion = services.free_port()
+        if not supervisor.port_free(port):
+            suggestion = supervisor.free_port()
             raise StackError(
                 f"port {port} on {HOST}, asked for {name}, is taken by another program; "
                 f"choose a free one with {PORT_OPTIONS[name]} (for example {PORT_OPTIONS[name]} {suggestion})"
@@ -408,7 +407,7 @@ def _start_all(names: list[str], plans: dict[str, dict], record: dict[str, Servi
 def _start_one(name: str, plan: dict[str, Any], record: dict[str, Service], folder: Path, timeout: float) -> Service:
     if name == "s3":
         access, secret = _s3_keys(folder, admin=True)
-        return services.start_seaweedfs(
+        return servers.start_seaweedfs(
             folder,
             s3_port=plan["port"],
             access_key=access,
@@ -418,7 +417,7 @@ def _start_one(name: str, plan: dict[str, Any], record: dict[str, Service], fold
             timeout=timeout,
         )
     if name == "mlflow":
-        return services.start_mlflow_server(
+        return servers.start_mlflow_server(
             folder,
             port=plan["port"],
             backend_store_uri=plan["backend_store_uri"],
@@ -428,7 +427,7 @@ def _start_one(name: str, plan: dict[str, Any], record: dict[str, Service], fold
             timeout=timeout,
         )
     if name == "ray":
-        return services.start_ray_head(
+        return servers.start_ray_head(
             folder,
             dashboard_port=plan["port"],
             num_cpus=plan["num_cpus"],
@@ -436,18 +435,9 @@ def _start_one(name: str, plan: dict[str, Any], record: dict[str, Service], fold
             job_env=plan["job_env"],
             timeout=timeout,
         )
-    tag = f"{folder}#bento#{secrets.token_hex(8)}"
-    service = services.start_bento(
-        folder,
-        plan["tag"],
-        port=plan["port"],
-        bentoml_home=Path(plan["bentoml_home"]),
-        env={TAG_VARIABLE: tag},
-        cwd=folder,
-        timeout=timeout,
+    return servers.start_bento(
+        folder, plan["tag"], port=plan["port"], bentoml_home=Path(plan["bentoml_home"]), cwd=folder, timeout=timeout
     )
-    service.extra["stack_tag"] = tag
-    return service
 
 
 # ------------------------------------------------------------------------------------------ status, down
@@ -519,7 +509,7 @@ def status(folder: Path | None = None) -> dict[str, Any]:
         result["s3_env"] = {
             "AWS_ENDPOINT_URL": s3.url,
             "AWS_SHARED_CREDENTIALS_FILE": result["s3_credentials_file"],
-            "AWS_DEFAULT_REGION": s3.extra.get("region", services.S3_REGION),
+            "AWS_DEFAULT_REGION": s3.extra.get("region", S3_REGION),
         }
         result["exports"].append(_export(result["s3_env"]))
     return result
@@ -540,7 +530,7 @@ def down(timeout: float = STOP_TIMEOUT, *, folder: Path | None = None) -> list[s
         return []
     with _locked(folder):
         record = load(folder)
-        was_running = [name for name in COMPONENTS if name in record and services.is_running(record[name])]
+        was_running = [name for name in COMPONENTS if name in record and supervisor.is_running(record[name])]
         failures = _stop_all(record, timeout)
         if failures:
             _save(folder, {name: record[name] for name in failures})
@@ -556,11 +546,8 @@ def _stop_all(record: dict[str, Service], timeout: float) -> dict[str, str]:
 
     def stop(names: list[str]) -> None:
         for name in names:
-            service = record[name]
             try:
-                services.stop(service, timeout=timeout)
-                if tag := service.extra.get("stack_tag"):
-                    services.stop_tagged(TAG_VARIABLE, tag, timeout=min(timeout, 5))
+                supervisor.stop(record[name], timeout=timeout)  # BentoML workers its dead leader left too, by tag
             except RuntimeError as error:
                 failures[name] = str(error)
 

@@ -1,4 +1,4 @@
-"""`mri-platform stack up | status | down`: the platform's servers on one machine, brought up and down as one.
+"""The platform's servers on one machine, brought up and down as one (`mri-platform stack up | status | down`).
 
 Platform mode runs a Ray head (dashboard and job server, token auth), an MLflow tracking server (sqlite in the
 stack folder, artifacts in S3, basic auth), SeaweedFS as that S3 server (keys required), and the built Bento, all on
@@ -7,6 +7,8 @@ start times, URLs) so that ``down`` in another process stops exactly what ``up``
 servers' data (the MLflow store, the S3 objects, the logs) stays there from one ``up`` to the next, and so do the
 secrets, each made once and kept 0600: the S3 admin keys (the stack's own), the jobs' bucket-scoped S3 keys and
 the MLflow password.
+
+The logic only: :mod:`mri_platform.servers` starts the servers; the commands live in :mod:`mri_platform.cli`.
 """
 
 from __future__ import annotations
@@ -24,9 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
+from typing import Any
 
 from mri_platform import servers, supervisor
 from mri_platform.credentials import MLFLOW_PASSWORD, MLFLOW_USERNAME, RECORD, stack_dir
@@ -557,140 +557,3 @@ def _stop_all(record: dict[str, Service], timeout: float) -> dict[str, str]:
         with ThreadPoolExecutor(len(chains)) as pool:
             list(pool.map(stop, chains))
     return failures
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run the platform's servers on this machine.")
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
-
-
-def _print_status(info: dict[str, Any]) -> None:
-    """The plain view: what runs where, then lines to paste; secrets by file, never printed."""
-    typer.echo(f"stack in {info['stack_dir']}")
-    details = {
-        "ray": f"dashboard and job server; GCS {info['ray_gcs_address']}",
-        "mlflow": f"store {info['mlflow_backend_store_uri']}, artifacts {info['mlflow_artifacts_destination']}"
-        + (
-            f"; login {MLFLOW_USERNAME}, password in {info['mlflow_password_file']}"
-            if info["mlflow_password_file"]
-            else ""
-        ),
-        "s3": f"bucket {info['s3_bucket']}, its keys in {info['s3_credentials_file']}",
-        "bento": f"{info['bento_tag']}",
-    }
-    for name in COMPONENTS:
-        entry = info["services"].get(name)
-        if entry is None:
-            typer.echo(f"  {name:<7} not running")
-        elif entry["state"] != "running":
-            typer.echo(f"  {name:<7} {entry['state']} (was {entry['url']}, pid {entry['pid']}; log {entry['log']})")
-        else:
-            typer.echo(f"  {name:<7} {entry['url']:<24} pid {entry['pid']:<8} {details[name]}")
-    if info["exports"]:
-        typer.echo("\nto use it from a shell:")
-        for line in info["exports"]:
-            typer.echo(f"  {line}")
-    if info["ray_dashboard"]:
-        typer.echo("  ray job submit --working-dir . -- python -m mri_platform train --model ae1")
-    if info["services"]:
-        typer.echo(f"\nlogs: {info['stack_dir']}/<service>.log; stop it all with `mri-platform stack down`")
-
-
-@app.command("up")
-def _up_command(
-    only: Annotated[
-        str | None, typer.Option(help="Components to run, comma-separated, among ray,mlflow,s3,bento (default: all).")
-    ] = None,
-    embedded: Annotated[
-        bool,
-        typer.Option(
-            "--embedded", help="Serve the tracking store training uses by default (sqlite in the state folder)."
-        ),
-    ] = False,
-    backend_store_uri: Annotated[
-        str | None, typer.Option(help="MLflow's backend store (default: sqlite in the stack folder).")
-    ] = None,
-    artifacts_destination: Annotated[
-        str | None, typer.Option(help="MLflow's artifact store (default: s3://mri-platform/mlflow on the stack's S3).")
-    ] = None,
-    ray_dashboard_port: Annotated[int, typer.Option(help="Ray dashboard and job server port.")] = DEFAULT_PORTS["ray"],
-    mlflow_port: Annotated[int, typer.Option(help="MLflow tracking server port.")] = DEFAULT_PORTS["mlflow"],
-    s3_port: Annotated[int, typer.Option(help="SeaweedFS S3 gateway port.")] = DEFAULT_PORTS["s3"],
-    bento_port: Annotated[int, typer.Option(help="Bento HTTP port.")] = DEFAULT_PORTS["bento"],
-    ray_cpus: Annotated[int | None, typer.Option(help="CPUs the Ray head offers (default: all).")] = None,
-    bento: Annotated[str, typer.Option(help="Bento to serve from the store: a name or name:version.")] = BENTO,
-    timeout: Annotated[float, typer.Option(help="Seconds each server may take to become ready.")] = 90,
-) -> None:
-    """Start the platform's servers on 127.0.0.1, or find them running; print where they are."""
-    if embedded and backend_store_uri:
-        raise _fail("give --embedded or --backend-store-uri, not both", code=2)
-    started = time.monotonic()
-    try:
-        info = up(
-            (only or ",".join(COMPONENTS)).split(","),
-            ray_dashboard_port=ray_dashboard_port,
-            mlflow_port=mlflow_port,
-            s3_port=s3_port,
-            bento_port=bento_port,
-            backend_store_uri=embedded_store_uri() if embedded else backend_store_uri,
-            artifacts_destination=artifacts_destination,
-            ray_cpus=ray_cpus,
-            bento=bento,
-            timeout=timeout,
-            progress=typer.echo,
-        )
-    except ValueError as exc:
-        raise _fail(str(exc), code=2) from exc
-    except StackError as exc:
-        raise _fail(str(exc)) from exc
-    for name, action in info["actions"].items():
-        typer.echo(f"{name}: {action}")
-    for note in info["notes"]:
-        typer.echo(f"note: {note}")
-    typer.echo(f"ready in {time.monotonic() - started:.1f} s\n")
-    _print_status(info)
-
-
-@app.command("status")
-def _status_command(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (URLs null when not running).")] = False,
-) -> None:
-    """Say what runs where, and how to reach it."""
-    try:
-        info = status()
-    except StackError as exc:
-        raise _fail(str(exc)) from exc
-    if as_json:
-        typer.echo(json.dumps(info, indent=2))
-    elif not info["services"]:
-        typer.echo(f"no stack is running (state in {info['stack_dir']}); start one with `mri-platform stack up`")
-    else:
-        _print_status(info)
-
-
-@app.command("down")
-def _down_command(
-    timeout: Annotated[
-        float, typer.Option(help="Seconds each server gets to stop gracefully before it is killed.")
-    ] = STOP_TIMEOUT,
-) -> None:
-    """Stop exactly what `stack up` started; the data stays in the stack folder for the next `up`."""
-    started = time.monotonic()
-    try:
-        record = load()
-        stopped = down(timeout)
-    except StackError as exc:
-        raise _fail(str(exc)) from exc
-    if not record:
-        typer.echo("no stack is running; nothing to stop")
-        return
-    for name in stopped:
-        typer.echo(f"stopped {name} (pid {record[name].pid}, {record[name].url})")
-    if exited := [name for name in record if name not in stopped]:
-        typer.echo(f"already exited: {', '.join(exited)} (cleaned up what they left)")
-    typer.echo(f"down in {time.monotonic() - started:.1f} s")

@@ -27,7 +27,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from mri_platform import data, services
+from mri_platform import data, servers, supervisor
 
 ONE_RUN = """
 import json, resource, sys, time
@@ -98,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="data-scale-"))
-    s3 = services.start_seaweedfs(work / "s3")
+    s3 = servers.start_seaweedfs(work / "s3")
     try:
         env = {**os.environ, "AWS_ENDPOINT_URL": s3.url, "AWS_ACCESS_KEY_ID": s3.extra["access_key"],
                "AWS_SECRET_ACCESS_KEY": s3.extra["secret_key"], "AWS_DEFAULT_REGION": "us-east-1",
@@ -130,7 +130,7 @@ def main() -> None:
                 rows.append({"volumes": n, "loading": loading, "prepare_s": prepare_s, **result})
                 print(rows[-1], flush=True)
     finally:
-        services.stop(s3, timeout=3)
+        supervisor.stop(s3, timeout=3)
 
     print(f"\n{'volumes':>7} {'path':>9} {'driver peak RSS MB':>18} {'img/s':>7} {'wall s':>7} {'prepare s':>9} "
           f"{'PSNR dB':>8}")  # fmt: skip

@@ -230,7 +230,7 @@ def main() -> None:
 
         with Clients(server.url, body, args.concurrency, 3.0):  # warm-up: the dispatcher learns its latencies
             pass
-        rss_before = tree_memory(server.pid)[0]
+        rss_before = tree_memory(server)[0]
         with Clients(server.url, body, args.concurrency, args.seconds) as before:
             time.sleep(args.seconds)
         reference = before.ok_per_second()
@@ -261,7 +261,7 @@ def main() -> None:
         print(f"after, concurrency {args.concurrency}: {after.describe()}")
         per_second, back = recovery(after.results, start, args.after, reference)
         last = sum(per_second[-5:]) / 5
-        rss_after = tree_memory(server.pid)[0]
+        rss_after = tree_memory(server)[0]
         ready_after = urllib.request.urlopen(f"{server.url}/readyz", timeout=10).status
         log = server.log_path.read_text(errors="replace").splitlines()
     print()

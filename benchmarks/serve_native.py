@@ -178,19 +178,20 @@ def served(checkpoint: Path, folder: Path):
     os.environ["BENTOML_DO_NOT_TRACK"] = "true"
     import bentoml
 
-    from mri_platform import services
+    from mri_platform import supervisor
+    from mri_platform.servers import start_bento
 
     tag = "mri-denoiser:bench"
     with bentoml.models.create(tag, metadata={"source": str(checkpoint)}) as stored:
         shutil.copy2(checkpoint, Path(stored.path) / "checkpoint.pt")
-    server = services.start_bento(
+    server = start_bento(
         folder / "serve", "service.service:MRIDenoiser", bentoml_home=folder / "bentoml",
         env={"MRI_SERVICE_MODEL": tag}, cwd=ROOT,
     )  # fmt: skip
     try:
         yield server.url
     finally:
-        services.stop(server)
+        supervisor.stop(server)
 
 
 def serve_once(checkpoint: Path, clean: np.ndarray, native: Denoiser, repeats: int) -> None:

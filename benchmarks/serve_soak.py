@@ -129,14 +129,14 @@ def main() -> None:
     began = time.perf_counter()
     mix = requests_of_the_mix()
     with served_model(args.model, "serve-soak-") as (server, ready):
-        rss_start = tree_memory(server.pid)[0]
+        rss_start = tree_memory(server)[0]
         soak = Soak(server.url, mix, args.concurrency, args.minutes * 60, args.max_requests)
         busy, started = busy_cpu(), time.perf_counter()
         threads = soak.run()
         samples: list[tuple[float, float]] = []
         while any(thread.is_alive() for thread in threads):
             time.sleep(args.sample)
-            samples.append((time.perf_counter() - started, tree_memory(server.pid)[0]))
+            samples.append((time.perf_counter() - started, tree_memory(server)[0]))
             done = sum(sum(c.values()) for c in soak.statuses.values())
             errors = sum(n for c in soak.statuses.values() for s, n in c.items() if s != 200)
             print(f"{samples[-1][0]:6.0f} s  RSS {samples[-1][1]:6.0f} MB  {done:7d} requests  {errors} errors")

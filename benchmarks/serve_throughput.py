@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from mri_platform import services
+from mri_platform import supervisor
+from mri_platform.servers import start_bento
 
 ROOT = Path(__file__).resolve().parent.parent
 """Where `bentoml serve` runs, so that it imports the service from this checkout."""
@@ -135,20 +136,20 @@ def prepare_models(names: list[str], folder: Path) -> dict[str, tuple[str, Path]
 
 
 @contextlib.contextmanager
-def serve(tag: str, batching: str, state: Path, home: Path) -> Iterator[tuple[services.Service, float]]:
+def serve(tag: str, batching: str, state: Path, home: Path) -> Iterator[tuple[supervisor.Service, float]]:
     """A `bentoml serve` of the service with this model; yields it and its ready time; always stopped."""
     started = time.perf_counter()
     env = {"MRI_SERVICE_MODEL": tag, "MRI_SERVICE_BATCHING": batching}
-    server = services.start_bento(state, TARGET, bentoml_home=home, env=env, cwd=ROOT)
+    server = start_bento(state, TARGET, bentoml_home=home, env=env, cwd=ROOT)
     ready = time.perf_counter() - started  # start_bento polls /readyz every 0.25 s
     try:
         yield server, ready
     finally:
-        services.stop(server)
+        supervisor.stop(server)
 
 
 @contextlib.contextmanager
-def served_model(model: str, prefix: str) -> Iterator[tuple[services.Service, float]]:
+def served_model(model: str, prefix: str) -> Iterator[tuple[supervisor.Service, float]]:
     """Untrained weights of `model` registered, imported and served with batching on, all in a temporary folder
     (MRI_PLATFORM_HOME and BENTOML_HOME point there); yields the server and its ready time."""
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
@@ -161,18 +162,10 @@ def served_model(model: str, prefix: str) -> Iterator[tuple[services.Service, fl
             yield served
 
 
-def _tree(pid: int) -> list[psutil.Process]:
-    try:
-        leader = psutil.Process(pid)
-        return [leader, *leader.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def tree_cpu(pid: int) -> float:
+def tree_cpu(server: supervisor.Service) -> float:
     """CPU seconds (user + system) used so far by the server's live processes."""
     total = 0.0
-    for proc in _tree(pid):
+    for proc in supervisor.members(server):
         with contextlib.suppress(psutil.Error):
             times = proc.cpu_times()
             total += times.user + times.system
@@ -188,12 +181,12 @@ def busy_cpu() -> float:
     return times.user + times.nice + times.system
 
 
-def tree_memory(pid: int) -> tuple[float, float, int]:
+def tree_memory(server: supervisor.Service) -> tuple[float, float, int]:
     """(RSS, PSS) in MB summed over the server's processes, and their number. RSS counts the pages the processes
     share (torch's libraries, mapped by both the `bentoml serve` parent and its worker) once per process; PSS
     splits them between the processes, so it is the fairer total."""
     rss = pss = 0
-    procs = _tree(pid)
+    procs = supervisor.members(server)
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             info = proc.memory_full_info()
@@ -290,7 +283,7 @@ def check_answer(url: str, body: bytes, content_type: str = "application/json") 
 
 
 def run_level(
-    server: services.Service,
+    server: supervisor.Service,
     model: str,
     batching: str,
     body: bytes,
@@ -300,9 +293,9 @@ def run_level(
 ) -> Level:
     """Warm up (unmeasured: the dispatcher trains its latency model on the first batches), then measure."""
     drive(server.url, body, concurrency, args.warmup, 10**9, content_type)
-    before, server_cpu, busy = batch_histogram(server.url), tree_cpu(server.pid), busy_cpu()
+    before, server_cpu, busy = batch_histogram(server.url), tree_cpu(server), busy_cpu()
     results, wall, client_cpu = drive(server.url, body, concurrency, args.seconds, args.requests, content_type)
-    server_cpu, busy = tree_cpu(server.pid) - server_cpu, busy_cpu() - busy
+    server_cpu, busy = tree_cpu(server) - server_cpu, busy_cpu() - busy
     after = batch_histogram(server.url)
     ok = np.array([latency for latency, status in results if status == 200]) * 1000
     batches = after[1] - before[1]
@@ -422,7 +415,7 @@ def measure_model(
                     f"{level.errors} errors, mean batch {batch}, other CPU {level.other_cpu:.2f}",
                     flush=True,
                 )
-            servers.append(Server(name, mode, ready, *tree_memory(server.pid)))
+            servers.append(Server(name, mode, ready, *tree_memory(server)))
     for level in levels:
         level.ceiling_batch = max(1, round(level.mean_batch)) if level.mean_batch is not None else 1
     sizes = sorted({1, 8, 32, 64, *(level.ceiling_batch for level in levels)})

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from mri_platform.stack import app as stack_app  # its own sub-app (up, status, down); importing it starts nothing
+from mri_platform import stack  # importing it starts nothing
 
 RAYLET_WORKER_COUNT_WARNING = r"worker processes have been started on node"
 """The raylet's 'N PYTHON worker processes have been started ... 4x the maximum expected startup concurrency'."""
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split(":")[1].strip())
+stack_app = typer.Typer(add_completion=False, no_args_is_help=True)
 app.add_typer(
     stack_app, name="stack", help="Run the platform on this machine: Ray head, MLflow server, S3 (SeaweedFS), Bento."
 )
@@ -380,11 +382,10 @@ def serve(
 ) -> None:
     """Serve the built Bento with `bentoml serve` in the foreground (Ctrl-C stops it)."""
     from mri_platform.config import bentoml_home
-    from mri_platform.services import find_bentoml
-    from mri_platform.stack import BENTO, built_bento
+    from mri_platform.executables import find_bentoml
 
     os.environ["BENTOML_HOME"] = str(bentoml_home())
-    tag, missing = built_bento(bento or BENTO)
+    tag, missing = stack.built_bento(bento or stack.BENTO)
     if tag is None:
         raise _fail(missing)
     typer.echo(f"serving {tag} on http://{host}:{port}  (page: http://{host}:{port}/ui, model: /info)")
@@ -519,3 +520,135 @@ def prepare_cohort(
         f"wrote {manifest['n_train']} training slices of {len(manifest['train'])} files and a held-out sample of "
         f"{manifest['n_held_out_sample']} slices of {len(manifest['held_out'])} files to {dst}"
     )
+
+
+# ------------------------------------------------------------------------------------------------ stack
+
+
+def _print_stack(info: dict[str, Any]) -> None:
+    """The plain view: what runs where, then lines to paste; secrets by file, never printed."""
+    typer.echo(f"stack in {info['stack_dir']}")
+    details = {
+        "ray": f"dashboard and job server; GCS {info['ray_gcs_address']}",
+        "mlflow": f"store {info['mlflow_backend_store_uri']}, artifacts {info['mlflow_artifacts_destination']}"
+        + (
+            f"; login {stack.MLFLOW_USERNAME}, password in {info['mlflow_password_file']}"
+            if info["mlflow_password_file"]
+            else ""
+        ),
+        "s3": f"bucket {info['s3_bucket']}, its keys in {info['s3_credentials_file']}",
+        "bento": f"{info['bento_tag']}",
+    }
+    for name in stack.COMPONENTS:
+        entry = info["services"].get(name)
+        if entry is None:
+            typer.echo(f"  {name:<7} not running")
+        elif entry["state"] != "running":
+            typer.echo(f"  {name:<7} {entry['state']} (was {entry['url']}, pid {entry['pid']}; log {entry['log']})")
+        else:
+            typer.echo(f"  {name:<7} {entry['url']:<24} pid {entry['pid']:<8} {details[name]}")
+    if info["exports"]:
+        typer.echo("\nto use it from a shell:")
+        for line in info["exports"]:
+            typer.echo(f"  {line}")
+    if info["ray_dashboard"]:
+        typer.echo("  ray job submit --working-dir . -- python -m mri_platform train --model ae1")
+    if info["services"]:
+        typer.echo(f"\nlogs: {info['stack_dir']}/<service>.log; stop it all with `mri-platform stack down`")
+
+
+@stack_app.command("up")
+def stack_up(
+    only: Annotated[
+        str | None, typer.Option(help="Components to run, comma-separated, among ray,mlflow,s3,bento (default: all).")
+    ] = None,
+    embedded: Annotated[
+        bool,
+        typer.Option(
+            "--embedded", help="Serve the tracking store training uses by default (sqlite in the state folder)."
+        ),
+    ] = False,
+    backend_store_uri: Annotated[
+        str | None, typer.Option(help="MLflow's backend store (default: sqlite in the stack folder).")
+    ] = None,
+    artifacts_destination: Annotated[
+        str | None, typer.Option(help="MLflow's artifact store (default: s3://mri-platform/mlflow on the stack's S3).")
+    ] = None,
+    ray_dashboard_port: Annotated[int, typer.Option(help="Ray dashboard and job server port.")] = stack.DEFAULT_PORTS[
+        "ray"
+    ],
+    mlflow_port: Annotated[int, typer.Option(help="MLflow tracking server port.")] = stack.DEFAULT_PORTS["mlflow"],
+    s3_port: Annotated[int, typer.Option(help="SeaweedFS S3 gateway port.")] = stack.DEFAULT_PORTS["s3"],
+    bento_port: Annotated[int, typer.Option(help="Bento HTTP port.")] = stack.DEFAULT_PORTS["bento"],
+    ray_cpus: Annotated[int | None, typer.Option(help="CPUs the Ray head offers (default: all).")] = None,
+    bento: Annotated[str, typer.Option(help="Bento to serve from the store: a name or name:version.")] = stack.BENTO,
+    timeout: Annotated[float, typer.Option(help="Seconds each server may take to become ready.")] = 90,
+) -> None:
+    """Start the platform's servers on 127.0.0.1, or find them running; print where they are."""
+    if embedded and backend_store_uri:
+        raise _fail("give --embedded or --backend-store-uri, not both", code=2)
+    started = time.monotonic()
+    try:
+        info = stack.up(
+            (only or ",".join(stack.COMPONENTS)).split(","),
+            ray_dashboard_port=ray_dashboard_port,
+            mlflow_port=mlflow_port,
+            s3_port=s3_port,
+            bento_port=bento_port,
+            backend_store_uri=stack.embedded_store_uri() if embedded else backend_store_uri,
+            artifacts_destination=artifacts_destination,
+            ray_cpus=ray_cpus,
+            bento=bento,
+            timeout=timeout,
+            progress=typer.echo,
+        )
+    except ValueError as exc:
+        raise _fail(str(exc), code=2) from exc
+    except stack.StackError as exc:
+        raise _fail(str(exc), code=1) from exc
+    for name, action in info["actions"].items():
+        typer.echo(f"{name}: {action}")
+    for note in info["notes"]:
+        typer.echo(f"note: {note}")
+    typer.echo(f"ready in {time.monotonic() - started:.1f} s\n")
+    _print_stack(info)
+
+
+@stack_app.command("status")
+def stack_status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (URLs null when not running).")] = False,
+) -> None:
+    """Say what runs where, and how to reach it."""
+    try:
+        info = stack.status()
+    except stack.StackError as exc:
+        raise _fail(str(exc), code=1) from exc
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+    elif not info["services"]:
+        typer.echo(f"no stack is running (state in {info['stack_dir']}); start one with `mri-platform stack up`")
+    else:
+        _print_stack(info)
+
+
+@stack_app.command("down")
+def stack_down(
+    timeout: Annotated[
+        float, typer.Option(help="Seconds each server gets to stop gracefully before it is killed.")
+    ] = stack.STOP_TIMEOUT,
+) -> None:
+    """Stop exactly what `stack up` started; the data stays in the stack folder for the next `up`."""
+    started = time.monotonic()
+    try:
+        record = stack.load()
+        stopped = stack.down(timeout)
+    except stack.StackError as exc:
+        raise _fail(str(exc), code=1) from exc
+    if not record:
+        typer.echo("no stack is running; nothing to stop")
+        return
+    for name in stopped:
+        typer.echo(f"stopped {name} (pid {record[name].pid}, {record[name].url})")
+    if exited := [name for name in record if name not in stopped]:
+        typer.echo(f"already exited: {', '.join(exited)} (cleaned up what they left)")
+    typer.echo(f"down in {time.monotonic() - started:.1f} s")

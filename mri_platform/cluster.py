@@ -25,7 +25,7 @@ def _start_local() -> dict[str, Any]:
     state API whether the trial's controller is gone. It finds the API by scanning the machine for Ray instances and
     gives up when there are several; pointing it at ours keeps stopped trials from holding their CPUs forever.
     """
-    from mri_platform.services import free_port
+    from mri_platform.supervisor import free_port
 
     port = free_port()
     # Ray Train's preemption watcher polls for nodes being drained, which a local cluster never is; each one it starts

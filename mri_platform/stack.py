@@ -1,4 +1,4 @@
-"""`mri-platform stack up | status | down`: the platform's servers on one machine, brought up and down as one.
+"""The platform's servers on one machine, brought up and down as one (`mri-platform stack up | status | down`).
 
 Platform mode runs a Ray head (dashboard and job server, token auth), an MLflow tracking server (sqlite in the
 stack folder, artifacts in S3, basic auth), SeaweedFS as that S3 server (keys required), and the built Bento, all on
@@ -7,13 +7,14 @@ start times, URLs) so that ``down`` in another process stops exactly what ``up``
 servers' data (the MLflow store, the S3 objects, the logs) stays there from one ``up`` to the next, and so do the
 secrets, each made once and kept 0600: the S3 admin keys (the stack's own), the jobs' bucket-scoped S3 keys and
 the MLflow password.
+
+The logic only: :mod:`mri_platform.servers` starts the servers; the commands live in :mod:`mri_platform.cli`.
 """
 
 from __future__ import annotations
 
 import configparser
 import contextlib
-import dataclasses
 import fcntl
 import json
 import os
@@ -25,13 +26,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
-
-from mri_platform import services
+from mri_platform import servers, supervisor
 from mri_platform.credentials import MLFLOW_PASSWORD, MLFLOW_USERNAME, RECORD, stack_dir
-from mri_platform.services import HOST, Service
+from mri_platform.executables import find_bentoml
+from mri_platform.servers.seaweedfs import S3_REGION
+from mri_platform.supervisor import HOST, Service
 
 COMPONENTS = ("ray", "mlflow", "s3", "bento")
 """What a stack can run, in the order it is reported."""
@@ -46,8 +47,6 @@ TRAIN_DRIVER_SLOTS = 64
 """Tune trial drivers reserve the custom TRAIN_DRIVER resource instead of a CPU (README, "Searching with Ray Tune")."""
 STOP_TIMEOUT = 20.0
 """Seconds each service gets to stop gracefully before SIGKILL; SeaweedFS's filer alone takes ~15 s."""
-TAG_VARIABLE = "MRI_PLATFORM_STACK_TAG"
-"""Set in the Bento's environment (unique per start), so that ``down`` finds workers its dead leader left behind."""
 S3_CREDENTIALS = "s3-credentials"
 """The jobs' S3 keys (an AWS credentials file): read, list, write and tag in the stack's bucket, nothing else."""
 S3_ADMIN_CREDENTIALS = "s3-admin-credentials"
@@ -70,16 +69,16 @@ def load(folder: Path | None = None) -> dict[str, Service]:
     path = Path(folder or stack_dir()) / RECORD
     try:
         recorded = json.loads(path.read_text())["services"]
+        return {name: Service.from_json(data) for name, data in recorded.items()}
     except FileNotFoundError:
         return {}
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise StackError(f"{path} is damaged ({error}); stop its servers by hand and delete the file") from None
-    return {name: Service(**{**data, "log_path": Path(data["log_path"])}) for name, data in recorded.items()}
 
 
 def _save(folder: Path, record: dict[str, Service]) -> None:
     """Write the record atomically and private to the owner: it holds the Ray token and S3 keys."""
-    payload = {"services": {name: dataclasses.asdict(service) for name, service in record.items()}}
+    payload = {"services": {name: service.to_json() for name, service in record.items()}}
     tmp = folder / f".{RECORD}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -111,9 +110,9 @@ def _locked(folder: Path) -> Iterator[None]:
 
 def _state(service: Service) -> str:
     """'running' (its leader lives and its URL answers), 'not answering' or 'exited'."""
-    if not services.is_running(service):
+    if not supervisor.is_running(service):
         return "exited"
-    return "running" if services.answers(service) else "not answering"
+    return "running" if servers.answers(service) else "not answering"
 
 
 def _states(record: dict[str, Service]) -> dict[str, str]:
@@ -160,7 +159,7 @@ def built_bento(name: str = BENTO, bentoml_home: Path | None = None) -> tuple[st
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     try:
         done = subprocess.run(
-            [services.find_bentoml(), "get", tag, "-o", "json"], env=env, capture_output=True, text=True, timeout=60
+            [find_bentoml(), "get", tag, "-o", "json"], env=env, capture_output=True, text=True, timeout=60
         )
         info = json.loads(done.stdout) if done.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired, ValueError) as error:
@@ -179,7 +178,7 @@ def _s3_keys(folder: Path, *, admin: bool = False) -> tuple[str, str]:
     if parser.read(path) and parser.has_option("default", "aws_secret_access_key"):
         return parser["default"]["aws_access_key_id"], parser["default"]["aws_secret_access_key"]
     access, secret = S3_ADMIN_ACCESS_KEY if admin else S3_JOB_ACCESS_KEY, secrets.token_hex(20)
-    services.write_private(path, f"[default]\naws_access_key_id = {access}\naws_secret_access_key = {secret}\n")
+    supervisor.write_private(path, f"[default]\naws_access_key_id = {access}\naws_secret_access_key = {secret}\n")
     return access, secret
 
 
@@ -195,7 +194,7 @@ def _mlflow_credentials(folder: Path) -> tuple[str, str]:
             return MLFLOW_USERNAME, password
     (folder / "mlflow" / "basic_auth.db").unlink(missing_ok=True)
     password = secrets.token_urlsafe(24)
-    services.write_private(path, password + "\n")
+    supervisor.write_private(path, password + "\n")
     return MLFLOW_USERNAME, password
 
 
@@ -330,7 +329,7 @@ def _plans(
                 AWS_ENDPOINT_URL=urls["s3"],
                 AWS_ACCESS_KEY_ID=access,
                 AWS_SECRET_ACCESS_KEY=secret,
-                AWS_DEFAULT_REGION=services.S3_REGION,
+                AWS_DEFAULT_REGION=S3_REGION,
             )
         plans["ray"] = {
             "port": ports["ray"],
@@ -363,8 +362,8 @@ def _changed(before: dict[str, Any], after: dict[str, Any]) -> str:
 def _check_ports(ports: dict[str, int]) -> None:
     """Fail before starting anything when a port is taken, naming the option that moves the service."""
     for name, port in ports.items():
-        if not services.port_free(port):
-            suggestion = services.free_port()
+        if not supervisor.port_free(port):
+            suggestion = supervisor.free_port()
             raise StackError(
                 f"port {port} on {HOST}, asked for {name}, is taken by another program; "
                 f"choose a free one with {PORT_OPTIONS[name]} (for example {PORT_OPTIONS[name]} {suggestion})"
@@ -408,7 +407,7 @@ def _start_all(names: list[str], plans: dict[str, dict], record: dict[str, Servi
 def _start_one(name: str, plan: dict[str, Any], record: dict[str, Service], folder: Path, timeout: float) -> Service:
     if name == "s3":
         access, secret = _s3_keys(folder, admin=True)
-        return services.start_seaweedfs(
+        return servers.start_seaweedfs(
             folder,
             s3_port=plan["port"],
             access_key=access,
@@ -418,7 +417,7 @@ def _start_one(name: str, plan: dict[str, Any], record: dict[str, Service], fold
             timeout=timeout,
         )
     if name == "mlflow":
-        return services.start_mlflow_server(
+        return servers.start_mlflow_server(
             folder,
             port=plan["port"],
             backend_store_uri=plan["backend_store_uri"],
@@ -428,7 +427,7 @@ def _start_one(name: str, plan: dict[str, Any], record: dict[str, Service], fold
             timeout=timeout,
         )
     if name == "ray":
-        return services.start_ray_head(
+        return servers.start_ray_head(
             folder,
             dashboard_port=plan["port"],
             num_cpus=plan["num_cpus"],
@@ -436,18 +435,9 @@ def _start_one(name: str, plan: dict[str, Any], record: dict[str, Service], fold
             job_env=plan["job_env"],
             timeout=timeout,
         )
-    tag = f"{folder}#bento#{secrets.token_hex(8)}"
-    service = services.start_bento(
-        folder,
-        plan["tag"],
-        port=plan["port"],
-        bentoml_home=Path(plan["bentoml_home"]),
-        env={TAG_VARIABLE: tag},
-        cwd=folder,
-        timeout=timeout,
+    return servers.start_bento(
+        folder, plan["tag"], port=plan["port"], bentoml_home=Path(plan["bentoml_home"]), cwd=folder, timeout=timeout
     )
-    service.extra["stack_tag"] = tag
-    return service
 
 
 # ------------------------------------------------------------------------------------------ status, down
@@ -519,7 +509,7 @@ def status(folder: Path | None = None) -> dict[str, Any]:
         result["s3_env"] = {
             "AWS_ENDPOINT_URL": s3.url,
             "AWS_SHARED_CREDENTIALS_FILE": result["s3_credentials_file"],
-            "AWS_DEFAULT_REGION": s3.extra.get("region", services.S3_REGION),
+            "AWS_DEFAULT_REGION": s3.extra.get("region", S3_REGION),
         }
         result["exports"].append(_export(result["s3_env"]))
     return result
@@ -540,7 +530,7 @@ def down(timeout: float = STOP_TIMEOUT, *, folder: Path | None = None) -> list[s
         return []
     with _locked(folder):
         record = load(folder)
-        was_running = [name for name in COMPONENTS if name in record and services.is_running(record[name])]
+        was_running = [name for name in COMPONENTS if name in record and supervisor.is_running(record[name])]
         failures = _stop_all(record, timeout)
         if failures:
             _save(folder, {name: record[name] for name in failures})
@@ -556,11 +546,8 @@ def _stop_all(record: dict[str, Service], timeout: float) -> dict[str, str]:
 
     def stop(names: list[str]) -> None:
         for name in names:
-            service = record[name]
             try:
-                services.stop(service, timeout=timeout)
-                if tag := service.extra.get("stack_tag"):
-                    services.stop_tagged(TAG_VARIABLE, tag, timeout=min(timeout, 5))
+                supervisor.stop(record[name], timeout=timeout)  # BentoML workers its dead leader left too, by tag
             except RuntimeError as error:
                 failures[name] = str(error)
 
@@ -570,140 +557,3 @@ def _stop_all(record: dict[str, Service], timeout: float) -> dict[str, str]:
         with ThreadPoolExecutor(len(chains)) as pool:
             list(pool.map(stop, chains))
     return failures
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run the platform's servers on this machine.")
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
-
-
-def _print_status(info: dict[str, Any]) -> None:
-    """The plain view: what runs where, then lines to paste; secrets by file, never printed."""
-    typer.echo(f"stack in {info['stack_dir']}")
-    details = {
-        "ray": f"dashboard and job server; GCS {info['ray_gcs_address']}",
-        "mlflow": f"store {info['mlflow_backend_store_uri']}, artifacts {info['mlflow_artifacts_destination']}"
-        + (
-            f"; login {MLFLOW_USERNAME}, password in {info['mlflow_password_file']}"
-            if info["mlflow_password_file"]
-            else ""
-        ),
-        "s3": f"bucket {info['s3_bucket']}, its keys in {info['s3_credentials_file']}",
-        "bento": f"{info['bento_tag']}",
-    }
-    for name in COMPONENTS:
-        entry = info["services"].get(name)
-        if entry is None:
-            typer.echo(f"  {name:<7} not running")
-        elif entry["state"] != "running":
-            typer.echo(f"  {name:<7} {entry['state']} (was {entry['url']}, pid {entry['pid']}; log {entry['log']})")
-        else:
-            typer.echo(f"  {name:<7} {entry['url']:<24} pid {entry['pid']:<8} {details[name]}")
-    if info["exports"]:
-        typer.echo("\nto use it from a shell:")
-        for line in info["exports"]:
-            typer.echo(f"  {line}")
-    if info["ray_dashboard"]:
-        typer.echo("  ray job submit --working-dir . -- python -m mri_platform train --model ae1")
-    if info["services"]:
-        typer.echo(f"\nlogs: {info['stack_dir']}/<service>.log; stop it all with `mri-platform stack down`")
-
-
-@app.command("up")
-def _up_command(
-    only: Annotated[
-        str | None, typer.Option(help="Components to run, comma-separated, among ray,mlflow,s3,bento (default: all).")
-    ] = None,
-    embedded: Annotated[
-        bool,
-        typer.Option(
-            "--embedded", help="Serve the tracking store training uses by default (sqlite in the state folder)."
-        ),
-    ] = False,
-    backend_store_uri: Annotated[
-        str | None, typer.Option(help="MLflow's backend store (default: sqlite in the stack folder).")
-    ] = None,
-    artifacts_destination: Annotated[
-        str | None, typer.Option(help="MLflow's artifact store (default: s3://mri-platform/mlflow on the stack's S3).")
-    ] = None,
-    ray_dashboard_port: Annotated[int, typer.Option(help="Ray dashboard and job server port.")] = DEFAULT_PORTS["ray"],
-    mlflow_port: Annotated[int, typer.Option(help="MLflow tracking server port.")] = DEFAULT_PORTS["mlflow"],
-    s3_port: Annotated[int, typer.Option(help="SeaweedFS S3 gateway port.")] = DEFAULT_PORTS["s3"],
-    bento_port: Annotated[int, typer.Option(help="Bento HTTP port.")] = DEFAULT_PORTS["bento"],
-    ray_cpus: Annotated[int | None, typer.Option(help="CPUs the Ray head offers (default: all).")] = None,
-    bento: Annotated[str, typer.Option(help="Bento to serve from the store: a name or name:version.")] = BENTO,
-    timeout: Annotated[float, typer.Option(help="Seconds each server may take to become ready.")] = 90,
-) -> None:
-    """Start the platform's servers on 127.0.0.1, or find them running; print where they are."""
-    if embedded and backend_store_uri:
-        raise _fail("give --embedded or --backend-store-uri, not both", code=2)
-    started = time.monotonic()
-    try:
-        info = up(
-            (only or ",".join(COMPONENTS)).split(","),
-            ray_dashboard_port=ray_dashboard_port,
-            mlflow_port=mlflow_port,
-            s3_port=s3_port,
-            bento_port=bento_port,
-            backend_store_uri=embedded_store_uri() if embedded else backend_store_uri,
-            artifacts_destination=artifacts_destination,
-            ray_cpus=ray_cpus,
-            bento=bento,
-            timeout=timeout,
-            progress=typer.echo,
-        )
-    except ValueError as exc:
-        raise _fail(str(exc), code=2) from exc
-    except StackError as exc:
-        raise _fail(str(exc)) from exc
-    for name, action in info["actions"].items():
-        typer.echo(f"{name}: {action}")
-    for note in info["notes"]:
-        typer.echo(f"note: {note}")
-    typer.echo(f"ready in {time.monotonic() - started:.1f} s\n")
-    _print_status(info)
-
-
-@app.command("status")
-def _status_command(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (URLs null when not running).")] = False,
-) -> None:
-    """Say what runs where, and how to reach it."""
-    try:
-        info = status()
-    except StackError as exc:
-        raise _fail(str(exc)) from exc
-    if as_json:
-        typer.echo(json.dumps(info, indent=2))
-    elif not info["services"]:
-        typer.echo(f"no stack is running (state in {info['stack_dir']}); start one with `mri-platform stack up`")
-    else:
-        _print_status(info)
-
-
-@app.command("down")
-def _down_command(
-    timeout: Annotated[
-        float, typer.Option(help="Seconds each server gets to stop gracefully before it is killed.")
-    ] = STOP_TIMEOUT,
-) -> None:
-    """Stop exactly what `stack up` started; the data stays in the stack folder for the next `up`."""
-    started = time.monotonic()
-    try:
-        record = load()
-        stopped = down(timeout)
-    except StackError as exc:
-        raise _fail(str(exc)) from exc
-    if not record:
-        typer.echo("no stack is running; nothing to stop")
-        return
-    for name in stopped:
-        typer.echo(f"stopped {name} (pid {record[name].pid}, {record[name].url})")
-    if exited := [name for name in record if name not in stopped]:
-        typer.echo(f"already exited: {', '.join(exited)} (cleaned up what they left)")
-    typer.echo(f"down in {time.monotonic() - started:.1f} s")

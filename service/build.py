@@ -20,8 +20,8 @@ from typing import Any
 
 from mri_platform.checkpoints import FILENAME, applies_natively, read_checkpoint, trained_size
 from mri_platform.config import bentoml_home
+from mri_platform.executables import find_bentoml
 from mri_platform.models import ModelConfig
-from mri_platform.services import find_bentoml
 
 BENTO_NAME = "mri-denoiser"
 """The service's (and so the Bento's) name."""

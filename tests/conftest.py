@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mri_platform import services
-from mri_platform.services import Service
+from mri_platform import servers, supervisor
+from mri_platform.supervisor import Service
 
 
 @pytest.fixture(scope="session")
@@ -20,27 +20,27 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]
 @pytest.fixture(scope="session")
 def s3_server(state_dir: Callable[[str], Path]) -> Iterator[Service]:
     """SeaweedFS's S3 gateway with ``extra["bucket"]`` created; keys in ``extra``."""
-    service = services.start_seaweedfs(state_dir("s3"))
+    service = servers.start_seaweedfs(state_dir("s3"))
     yield service
     # Its data is thrown away: no need to wait out SeaweedFS's 15 s graceful shutdown.
-    services.stop(service, timeout=3)
+    supervisor.stop(service, timeout=3)
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(state_dir: Callable[[str], Path]) -> Iterator[Service]:
     """An MLflow tracking server with a SQLite backend and local artifacts served through its proxy."""
-    service = services.start_mlflow_server(state_dir("mlflow"))
+    service = servers.start_mlflow_server(state_dir("mlflow"))
     yield service
-    services.stop(service)
+    supervisor.stop(service)
 
 
 @pytest.fixture(scope="session")
 def ray_head(state_dir: Callable[[str], Path]) -> Iterator[Service]:
     """A Ray head (2 CPUs) with its job server at ``url``; ``extra["env"]`` authenticates a client."""
     # TRAIN_DRIVER: the resource Tune trial drivers reserve instead of a CPU (see tuning/search.py)
-    service = services.start_ray_head(state_dir("ray"), num_cpus=2, resources={"TRAIN_DRIVER": 8})
+    service = servers.start_ray_head(state_dir("ray"), num_cpus=2, resources={"TRAIN_DRIVER": 8})
     yield service
-    services.stop(service)
+    supervisor.stop(service)
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +122,14 @@ def built_bento(state_dir: Callable[[str], Path], native_model) -> dict:
 def bento_server(built_bento: dict, state_dir: Callable[[str], Path]) -> Iterator[Service]:
     """`bentoml serve` of the built Bento on a free port of 127.0.0.1 (one worker, batching on), with header and
     body timeouts of 3 s instead of 10 so that the tests of stalled clients are short."""
-    service = services.start_bento(
+    service = servers.start_bento(
         state_dir("bento-serve"),
         built_bento["tag"],
         bentoml_home=built_bento["bentoml_home"],
         env={"MRI_SERVICE_HEADER_S": "3", "MRI_SERVICE_BODY_IDLE_S": "3"},
     )
     yield service
-    services.stop(service)
+    supervisor.stop(service)
 
 
 @pytest.fixture(scope="session")

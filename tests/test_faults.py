@@ -6,7 +6,6 @@ attempts with backoff), and `benchmarks`-style 60 s runs were measured by hand (
 """
 
 import json
-import os
 import pickle
 import signal
 import threading
@@ -16,7 +15,7 @@ import pyarrow.fs
 import pytest
 from helpers import tiny_config
 
-from mri_platform import services, tracking
+from mri_platform import servers, supervisor, tracking
 from mri_platform.recovery import describe_failure, failure_kind
 from mri_platform.storage import S3_MAX_ATTEMPTS, prune_unlisted_checkpoints, resolve_storage
 from mri_platform.train import fit
@@ -107,11 +106,11 @@ def test_a_run_rides_out_a_paused_s3_server(local_ray, tmp_path, s3_server, monk
     config = tiny(tmp_path, storage=f"s3://{s3_server.extra['bucket']}/faults")
     thread, outcome = fit_in_thread(config)
     wait_for_epoch(config.tracking_uri, 1)
-    os.kill(s3_server.pid, signal.SIGSTOP)  # the SeaweedFS this session started: its checkpoint uploads stall
+    assert supervisor.send_signal(s3_server, signal.SIGSTOP)  # the session's SeaweedFS: checkpoint uploads stall
     try:
         time.sleep(S3_PAUSE_S)
     finally:
-        os.kill(s3_server.pid, signal.SIGCONT)
+        supervisor.send_signal(s3_server, signal.SIGCONT)
     thread.join(timeout=400)
     assert "result" in outcome, f"the run did not survive the paused S3 server: {outcome.get('error')}"
     one_point_per_epoch(config.tracking_uri, outcome["result"].run_id, 4)
@@ -120,17 +119,17 @@ def test_a_run_rides_out_a_paused_s3_server(local_ray, tmp_path, s3_server, monk
 @pytest.mark.slow
 def test_a_run_rides_out_mlflow_killed_and_restarted(local_ray, tmp_path, state_dir):
     home = state_dir("mlflow-restart")
-    server = services.start_mlflow_server(home)
+    server = servers.start_mlflow_server(home)
     port = int(server.url.rsplit(":", 1)[1])
     config = tiny(tmp_path, tracking_uri=server.url, epochs=5)
     thread, outcome = fit_in_thread(config)
     try:
         wait_for_epoch(server.url, 1)
-        services.stop(server, timeout=0)  # SIGKILL at once: no graceful shutdown
+        supervisor.stop(server, timeout=0)  # SIGKILL at once: no graceful shutdown
         time.sleep(5)
-        server = services.start_mlflow_server(home, port=port)  # the same store, on the same port
+        server = servers.start_mlflow_server(home, port=port)  # the same store, on the same port
         thread.join(timeout=400)
         assert "result" in outcome, f"the run did not survive MLflow's restart: {outcome.get('error')}"
         one_point_per_epoch(server.url, outcome["result"].run_id, 5)
     finally:
-        services.stop(server)
+        supervisor.stop(server)

@@ -19,11 +19,9 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import tomllib
 from collections.abc import Iterator
 from importlib import resources
@@ -685,19 +683,30 @@ def _unprivileged_user() -> str | None:
 @pytest.fixture
 def postgres() -> Iterator[dict[str, Any]]:
     """A PostgreSQL server of our own on 127.0.0.1 with a database `mlflow`, as the small overlay's StatefulSet
-    creates it; stopped (fast shutdown, then SIGKILL of its own process group) and removed afterwards."""
+    creates it; stopped by the supervisor (its clients are gone by then) and removed afterwards."""
     bin_dir = _postgres_bin()
     if bin_dir is None:
         pytest.skip("PostgreSQL server binaries not found (Debian's postgresql-15 package installs them)")
     import psycopg2
 
-    from mri_platform.services import free_port
+    from mri_platform import supervisor
 
     user = _unprivileged_user()
     home = Path(tempfile.mkdtemp(prefix="mri-pg-"))  # under /tmp, which the unprivileged user can reach
     data, sockets, password = home / "data", home / "sock", "test-only-password"
-    port, server = free_port(), None
+    port, server = supervisor.free_port(), None
     url = f"postgresql://mlflow:{password}@127.0.0.1:{port}/mlflow"
+
+    def accepts_connections() -> bool:
+        try:
+            with contextlib.closing(psycopg2.connect(url.rsplit("/", 1)[0] + "/postgres", connect_timeout=2)) as conn:
+                conn.autocommit = True
+                conn.cursor().execute("CREATE DATABASE mlflow")
+        except psycopg2.OperationalError as error:
+            assert "authentication" not in str(error), error
+            return False
+        return True
+
     try:
         sockets.mkdir()
         (home / "pw").write_text(password)
@@ -710,39 +719,16 @@ def postgres() -> Iterator[dict[str, Any]]:
                 shutil.chown(path, user, run_as["group"])
         initdb = [str(bin_dir / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=scram-sha-256", "-E", "UTF8"]
         subprocess.run([*initdb, f"--pwfile={home / 'pw'}"], check=True, capture_output=True, timeout=60, **run_as)
-        with open(home / "postgres.log", "wb") as log:  # the server keeps its own copy of the descriptor
-            server = subprocess.Popen(
-                [str(bin_dir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", str(sockets)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                **run_as,
-            )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with contextlib.closing(
-                    psycopg2.connect(url.rsplit("/", 1)[0] + "/postgres", connect_timeout=2)
-                ) as conn:
-                    conn.autocommit = True
-                    conn.cursor().execute("CREATE DATABASE mlflow")
-                break
-            except psycopg2.OperationalError as error:
-                assert "authentication" not in str(error), error
-                assert server.poll() is None, (home / "postgres.log").read_text()
-                assert time.monotonic() < deadline, "PostgreSQL did not accept connections in 30 s"
-                time.sleep(0.2)
+        cmd = [str(bin_dir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", str(sockets)]
+        server = supervisor.spawn("postgres", cmd, home, env=os.environ, cwd=home, url=url, user=user)
+        supervisor.await_ready(server, accepts_connections, 30, what="PostgreSQL to accept connections",
+                               hint="see the server's log")  # fmt: skip
         # SQLAlchemy 2.1 (which MLflow 3.17 installs) takes `postgresql://` for psycopg 3: name the driver we ship.
         backend_store_uri = url.replace("postgresql://", "postgresql+psycopg2://")
         yield {"url": url, "backend_store_uri": backend_store_uri, "major": bin_dir.parent.name}
     finally:
         if server is not None:
-            server.send_signal(signal.SIGINT)  # fast shutdown: disconnects clients, then exits
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)  # its own session: only the processes this test started
-                server.wait(timeout=10)
+            supervisor.stop(server)
         shutil.rmtree(home, ignore_errors=True)
 
 
@@ -766,7 +752,8 @@ def test_mlflow_server_keeps_runs_and_models_in_postgresql(rendered, postgres, t
     import mlflow
     import psycopg2
 
-    from mri_platform.services import start_mlflow_server, stop
+    from mri_platform.servers import start_mlflow_server
+    from mri_platform.supervisor import stop
 
     objects = rendered["overlays/small"]
     image = _find(objects, "StatefulSet", "postgres")["spec"]["template"]["spec"]["containers"][0]["image"]

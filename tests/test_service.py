@@ -598,27 +598,23 @@ def test_denoise_takes_npy_bodies_and_refuses_what_is_not_one(bento_server, held
 @pytest.mark.slow
 def test_mri_platform_serve_serves_the_latest_bento_on_the_port_asked(built_bento, tmp_path):
     import os
-    import subprocess
     import sys
-    import time
 
-    from mri_platform import services
+    from mri_platform import supervisor
 
-    port = services.free_port()
+    port = supervisor.free_port()
     env = {**os.environ, "MRI_PLATFORM_HOME": str(built_bento["state"] / "home"),
            "BENTOML_HOME": str(built_bento["bentoml_home"])}  # fmt: skip
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115  (closed below, after the server stops)
-    proc = subprocess.Popen([sys.executable, "-m", "mri_platform", "serve", "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    server = services.Service("bento", f"http://127.0.0.1:{port}", proc.pid, tmp_path / "serve.log")
+    cmd = [sys.executable, "-m", "mri_platform", "serve", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    server = supervisor.spawn("serve", cmd, tmp_path, env=env, cwd=tmp_path, url=url)
     try:
-        deadline = time.monotonic() + 90
-        while services._http_status(f"{server.url}/readyz") != 200 and proc.poll() is None:
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
-            time.sleep(0.5)
+        supervisor.await_ready(
+            server, lambda: supervisor.http_status(f"{url}/readyz") == 200, 90,
+            what=f"GET {url}/readyz to answer 200", hint="see the log",
+        )  # fmt: skip
         info = json.loads(_request(server.url, "/info")[2])
         assert info["model_tag"] == built_bento["tag"]
-        assert f"serving {built_bento['tag']} on http://127.0.0.1:{port}" in (tmp_path / "serve.log").read_text()
+        assert f"serving {built_bento['tag']} on {url}" in server.log_path.read_text()
     finally:
-        services.stop(server)
-        log.close()
+        supervisor.stop(server)

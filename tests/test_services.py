@@ -8,51 +8,21 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
-from mri_platform import services
-from mri_platform.services import Service
+from mri_platform import servers, supervisor
+from mri_platform.supervisor import Service
 
 pytestmark = pytest.mark.slow
 
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie waiting for its parent counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
-def _session_pids(sid: int) -> set[int]:
-    pids = set()
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[3]) == sid:
-                        pids.add(int(entry.name))
-            except (OSError, IndexError):
-                continue
-    return pids
-
-
 def _client_env(service: Service) -> dict[str, str]:
     """The test's environment without stray Ray settings, plus what the head says a client needs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     return {**env, **service.extra["env"]}
-
-
-def test_free_ports_are_distinct_and_bindable() -> None:
-    import socket
-
-    ports = services.free_ports(5)
-    assert len(set(ports)) == 5
-    with socket.socket() as sock:
-        sock.bind((services.HOST, ports[0]))
 
 
 # ------------------------------------------------------------------------------------------------ S3
@@ -75,7 +45,7 @@ def test_s3_multipart_upload_reads_back_equal(s3_server: Service) -> None:
     with s3.open_input_stream(f"{s3_server.extra['bucket']}/{key}") as src:
         assert src.read() == payload
 
-    head = services.s3_client(s3_server).head_object(Bucket=s3_server.extra["bucket"], Key=key)
+    head = servers.s3_client(s3_server).head_object(Bucket=s3_server.extra["bucket"], Key=key)
     assert head["ContentLength"] == len(payload)
     assert "-" in head["ETag"], f"expected a multipart ETag (md5-parts), got {head['ETag']}"
 
@@ -84,27 +54,27 @@ def test_s3_refuses_a_wrong_secret_key(s3_server: Service) -> None:
     from botocore.exceptions import ClientError
 
     intruder = Service(**{**vars(s3_server), "extra": {**s3_server.extra, "secret_key": "not-the-secret"}})
-    client = services.s3_client(intruder)
+    client = servers.s3_client(intruder)
     key = f"tests/{uuid.uuid4().hex}.txt"
     with pytest.raises(ClientError) as refused:
         client.put_object(Bucket=s3_server.extra["bucket"], Key=key, Body=b"x")
     assert refused.value.response["Error"]["Code"] in {"SignatureDoesNotMatch", "AccessDenied"}
-    listing = services.s3_client(s3_server).list_objects_v2(Bucket=s3_server.extra["bucket"], Prefix=key)
+    listing = servers.s3_client(s3_server).list_objects_v2(Bucket=s3_server.extra["bucket"], Prefix=key)
     assert listing.get("KeyCount", 0) == 0
 
 
 def test_stopping_seaweedfs_is_bounded(state_dir: Callable[[str], Path]) -> None:
-    service = services.start_seaweedfs(state_dir("s3-stop"), bucket=None)
-    assert _alive(service.pid)
+    service = servers.start_seaweedfs(state_dir("s3-stop"), bucket=None)
+    assert supervisor.is_running(service)
 
     started = time.monotonic()
-    services.stop(service, timeout=2)
+    supervisor.stop(service, timeout=2)
     assert time.monotonic() - started < 2 + 5
-    assert not _alive(service.pid)
+    assert not supervisor.is_running(service)
     assert service.leftovers and not any(Path(p).exists() for p in service.leftovers)
 
     started = time.monotonic()
-    services.stop(service, timeout=2)  # idempotent, and quick when nothing is left
+    supervisor.stop(service, timeout=2)  # idempotent, and quick when nothing is left
     assert time.monotonic() - started < 1
 
 
@@ -149,7 +119,7 @@ def test_mlflow_server_keeps_artifacts_in_s3_without_client_credentials(
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     bucket = s3_server.extra["bucket"]
-    server = services.start_mlflow_server(
+    server = servers.start_mlflow_server(
         state_dir("mlflow-s3"), artifacts_destination=f"s3://{bucket}/mlflow", s3=s3_server
     )
     try:
@@ -158,9 +128,9 @@ def test_mlflow_server_keeps_artifacts_in_s3_without_client_credentials(
         downloaded = client.download_artifacts(run_id, "note.txt", str(tmp_path / "back"))
         assert Path(downloaded).read_text() == "on seaweedfs"
     finally:
-        services.stop(server)
+        supervisor.stop(server)
 
-    s3 = services.s3_client(s3_server)
+    s3 = servers.s3_client(s3_server)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="mlflow/").get("Contents", [])]
     [key] = [k for k in keys if run_id in k and k.endswith("/note.txt")]
     assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == b"on seaweedfs"
@@ -168,7 +138,7 @@ def test_mlflow_server_keeps_artifacts_in_s3_without_client_credentials(
 
 def test_a_failed_start_raises_with_the_log(state_dir: Callable[[str], Path]) -> None:
     with pytest.raises(RuntimeError, match="exited with status") as failed:
-        services.start_mlflow_server(state_dir("mlflow-bad"), backend_store_uri="nosuchdb://nowhere")
+        servers.start_mlflow_server(state_dir("mlflow-bad"), backend_store_uri="nosuchdb://nowhere")
     assert "nosuchdb" in str(failed.value)  # the log's tail names the problem
 
 
@@ -199,8 +169,8 @@ def test_ray_job_runs_with_the_head_token(ray_head: Service, tmp_path: Path) -> 
 
 
 def test_stopping_ray_leaves_none_of_its_processes(state_dir: Callable[[str], Path], tmp_path: Path) -> None:
-    head = services.start_ray_head(state_dir("ray-stop"), num_cpus=1)
-    head_pids: set[int] = set()
+    head = servers.start_ray_head(state_dir("ray-stop"), num_cpus=1)
+    head_procs: list[psutil.Process] = []
     try:
         pid_file = tmp_path / "driver.pid"
         (tmp_path / "sleeper.py").write_text(
@@ -221,9 +191,9 @@ def test_stopping_ray_leaves_none_of_its_processes(state_dir: Callable[[str], Pa
         assert pid_file.exists(), "the job's driver did not start within 60 s"
         driver = int(pid_file.read_text())
         # The job's driver runs in a session of its own, outside the head's: stop must still find it.
-        head_pids = _session_pids(head.pid) | {driver}
-        assert driver not in _session_pids(head.pid) and _alive(driver)
-        assert len(head_pids) > 5  # GCS, raylet, dashboard, agents, workers
+        head_procs = supervisor.members(head)
+        assert driver in {p.pid for p in head_procs} and os.getsid(driver) != head.pid
+        assert len(head_procs) > 5  # GCS, raylet, dashboard, agents, workers
     finally:
-        services.stop(head)
-    assert [pid for pid in head_pids if _alive(pid)] == []
+        supervisor.stop(head)
+    assert supervisor.wait_gone(head_procs, 0) == []

@@ -16,10 +16,11 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
-from mri_platform import services, stack
-from mri_platform.services import HOST
+from mri_platform import servers, stack, supervisor
+from mri_platform.supervisor import HOST
 
 RAY = str(Path(sys.executable).parent / "ray")
 ROOT = Path(__file__).resolve().parents[1]  # `ray job submit --working-dir .` uploads it, as the README does
@@ -54,48 +55,21 @@ def _get(url: str, headers: dict[str, str] | None = None) -> int | None:
         return None
 
 
-def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (session id, command line) of every live process."""
-    table = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-            except (OSError, IndexError):
-                continue
-            if fields[0] != "Z":
-                table[int(entry.name)] = (int(fields[3]), cmdline)
-    return table
+def _stack_processes(folder: Path) -> list[psutil.Process]:
+    """Every live process of the stack, as the supervisor knows them: sessions, tags, Ray's temp folder, children."""
+    return [proc for service in stack.load(folder).values() for proc in supervisor.members(service)]
 
 
-def _stack_pids(folder: Path) -> set[int]:
-    """Every process of the stack: the recorded leaders, their sessions, and any naming the stack's folders."""
-    record = stack.load(folder)
-    leaders = {service.pid for service in record.values()}
-    markers = [str(folder)] + [service.marker for service in record.values() if service.marker]
-    return {
-        pid
-        for pid, (sid, cmdline) in _processes().items()
-        if pid in leaders or sid in leaders or any(marker in cmdline for marker in markers)
-    }
-
-
-def _wait_gone(pids: set[int], seconds: float = 10) -> set[int]:
-    """The pids still alive after up to ``seconds`` (a killed process's children go down just after it)."""
-    deadline = time.monotonic() + seconds
-    while (alive := pids & set(_processes())) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return alive
+def _naming(folder: Path) -> list[psutil.Process]:
+    """Processes whose command line names the stack's folder, found without the supervisor's help."""
+    return [p for p in psutil.process_iter(["cmdline"]) if str(folder) in " ".join(p.info["cmdline"] or ())]
 
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """`stack up` in platform mode on free ports; stopped at the end whatever the tests did."""
     home = tmp_path_factory.mktemp("stack-home")
-    ray_port, mlflow_port, s3_port, bento_port = services.free_ports(4)
+    ray_port, mlflow_port, s3_port, bento_port = supervisor.free_ports(4)
     ports = {"ray": ray_port, "mlflow": mlflow_port, "s3": s3_port, "bento": bento_port}
     args = [f"--ray-dashboard-port={ray_port}", f"--mlflow-port={mlflow_port}", f"--s3-port={s3_port}"]
     args.append(f"--bento-port={bento_port}")
@@ -190,7 +164,7 @@ def test_a_training_job_submitted_to_the_stack_lands_in_its_mlflow_and_s3(
     assert run.data.metrics["final_psnr"] > run.data.metrics["final_noisy_psnr"]
     [version] = client.search_model_versions("name = 'mri-denoiser'")
     assert version.run_id == run.info.run_id
-    s3 = services.s3_client(stack.load(platform["folder"])["s3"])
+    s3 = servers.s3_client(stack.load(platform["folder"])["s3"])
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
     assert any(k.startswith("checkpoints/") and k.endswith("checkpoint.pt") for k in keys)  # Ray Train's, on S3
     assert any(k.startswith("mlflow/") and run.info.run_id in k for k in keys)  # MLflow's artifacts, on S3
@@ -237,7 +211,7 @@ def test_s3_is_reachable_only_through_its_gateway_with_keys(platform: dict) -> N
 
     s3 = stack.load(platform["folder"])["s3"]
     bucket, ports = s3.extra["bucket"], s3.extra["ports"]
-    admin = services.s3_client(s3)
+    admin = servers.s3_client(s3)
     admin.put_object(Bucket=bucket, Key="guarded.txt", Body=b"secret scan")
     filer = f"http://{HOST}:{ports['filer']}"
     for url in (f"{filer}/", f"{filer}/buckets/{bucket}/guarded.txt", f"{filer}/buckets/{bucket}/?pretty=y"):
@@ -252,7 +226,7 @@ def test_s3_is_reachable_only_through_its_gateway_with_keys(platform: dict) -> N
     with pytest.raises(urllib.error.HTTPError, match="401"):
         urllib.request.urlopen(plant, timeout=10)
 
-    job = services.s3_client(s3, job=True)
+    job = servers.s3_client(s3, job=True)
     assert job.get_object(Bucket=bucket, Key="guarded.txt")["Body"].read() == b"secret scan"
     job.put_object(Bucket=bucket, Key="from-a-job.txt", Body=b"ok")
     with pytest.raises(ClientError, match="AccessDenied"):
@@ -265,10 +239,10 @@ def test_s3_is_reachable_only_through_its_gateway_with_keys(platform: dict) -> N
     with pytest.raises(ClientError, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
         wrong.list_objects_v2(Bucket=bucket)
 
-    admin_secret, checked = s3.extra["secret_key"].encode(), 0
-    for pid in _stack_pids(platform["folder"]):  # Ray's daemons and workers, MLflow, SeaweedFS
-        with contextlib.suppress(OSError):
-            assert admin_secret not in Path(f"/proc/{pid}/environ").read_bytes(), pid
+    admin_secret, checked = s3.extra["secret_key"], 0
+    for proc in _stack_processes(platform["folder"]):  # Ray's daemons and workers, MLflow, SeaweedFS
+        with contextlib.suppress(psutil.Error):
+            assert admin_secret not in "\0".join(f"{k}={v}" for k, v in proc.environ().items()), proc.pid
             checked += 1
     assert checked > 5
 
@@ -276,9 +250,7 @@ def test_s3_is_reachable_only_through_its_gateway_with_keys(platform: dict) -> N
 @pytest.mark.slow
 def test_the_stack_listens_on_loopback_only(platform: dict) -> None:
     """Every listening socket of every stack process (Ray's GCS, raylet and agents included) is on 127.0.0.1."""
-    import psutil
-
-    pids = _stack_pids(platform["folder"])
+    pids = {proc.pid for proc in _stack_processes(platform["folder"])}
     listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
     assert len({c.pid for c in listening}) >= 4  # SeaweedFS, MLflow, and Ray's GCS, raylet, dashboard, agents
     beyond = [(c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name()) for c in listening if not _loopback(c.laddr.ip)]
@@ -347,9 +319,9 @@ def test_the_trained_model_is_built_from_the_stack_registry_and_served(platform:
 def test_up_restarts_a_server_that_died_and_says_so(platform: dict) -> None:
     record = stack.load(platform["folder"])
     old = record["mlflow"]
-    old_pids = {pid for pid, (sid, _) in _processes().items() if sid == old.pid}
-    os.kill(old.pid, signal.SIGKILL)
-    assert not _wait_gone({old.pid})
+    old_procs = supervisor.members(old)
+    assert supervisor.send_signal(old, signal.SIGKILL)
+    assert not supervisor.wait_gone([p for p in old_procs if p.pid == old.pid], 10)
 
     again = _cli(platform["env"], "up", *platform["args"])
     assert again.returncode == 0, again.stdout + again.stderr
@@ -359,14 +331,14 @@ def test_up_restarts_a_server_that_died_and_says_so(platform: dict) -> None:
     assert after["mlflow"].pid != old.pid and after["mlflow"].url == old.url
     assert {name: after[name].pid for name in ("ray", "s3")} == {name: record[name].pid for name in ("ray", "s3")}
     assert _get(f"{old.url}/health") == 200
-    assert not _wait_gone(old_pids)  # what the dead server left was stopped before the new one started
+    assert not supervisor.wait_gone(old_procs, 10)  # what the dead server left was stopped before the new one started
 
 
 @pytest.mark.slow
 def test_down_stops_everything_and_a_second_down_is_harmless(platform: dict) -> None:
     folder = platform["folder"]
-    pids = _stack_pids(folder)
-    assert len(pids) > 5  # Ray's daemons, MLflow, SeaweedFS
+    procs = _stack_processes(folder)
+    assert len(procs) > 5  # Ray's daemons, MLflow, SeaweedFS
 
     started = time.monotonic()
     done = _cli(platform["env"], "down")
@@ -375,8 +347,8 @@ def test_down_stops_everything_and_a_second_down_is_harmless(platform: dict) -> 
     assert done.returncode == 0, done.stdout + done.stderr
     for name in ("ray", "mlflow", "s3"):
         assert f"stopped {name}" in done.stdout
-    assert not _wait_gone(pids, seconds=0)
-    assert not [pid for pid, (_, cmdline) in _processes().items() if str(folder) in cmdline]
+    assert not supervisor.wait_gone(procs, 0)
+    assert not supervisor.wait_gone(_naming(folder), 0)
     assert not (folder / stack.RECORD).exists()
 
     again = _cli(platform["env"], "down")
@@ -399,7 +371,7 @@ def test_the_embedded_mode_serves_the_store_training_wrote(tmp_path: Path, monke
     run_id = written.create_run(written.create_experiment("trained-before")).info.run_id
     written.log_metric(run_id, "val_psnr", 19.39)
 
-    mlflow_port, bento_port = services.free_ports(2)
+    mlflow_port, bento_port = supervisor.free_ports(2)
     info = stack.up(("mlflow", "bento"), backend_store_uri=store, mlflow_port=mlflow_port, bento_port=bento_port)
     try:
         assert info["actions"] == {"mlflow": "started"}
@@ -448,7 +420,7 @@ def test_nothing_running_is_reported_not_an_error(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_up_serves_the_built_bento_and_a_second_up_keeps_it(built_bento: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BENTOML_HOME", str(built_bento["bentoml_home"]))  # where `mri-platform build` left it
-    [port] = services.free_ports(1)
+    [port] = supervisor.free_ports(1)
     info = stack.up(("bento",), bento_port=port)
     try:
         assert info["actions"] == {"bento": "started"} and info["notes"] == []

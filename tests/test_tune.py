@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mri_platform import tracking
+from mri_platform import supervisor, tracking
 from tuning.search import PRESET_DIR, SearchConfig, _concurrency, build_search, run_search
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,18 +129,16 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path):
             "--samples", "3", "--workers-per-trial", "1", "--max-concurrent", "1", "--scheduler", "fifo",
             "--tracking-uri", uri, "--storage", str(tmp_path / "ckpt"), "--name", "sweep-r"]  # fmt: skip
     env = {**os.environ, "MRI_PLATFORM_HOME": str(tmp_path / "state")}
-    first = subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.STDOUT)  # fmt: skip
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and _nested_finished(uri) < 1 and first.poll() is None:
-        time.sleep(1)
-    assert first.poll() is None, "the sweep ended before it could be interrupted"
-    os.kill(first.pid, signal.SIGINT)  # as Ctrl-C would: Tune saves its state and exits
+    first = supervisor.spawn("sweep", args, tmp_path, env=env, cwd=ROOT, url="")
     try:
-        first.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=30)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and _nested_finished(uri) < 1 and supervisor.is_running(first):
+            time.sleep(1)
+        assert supervisor.is_running(first), "the sweep ended before it could be interrupted"
+        supervisor.send_signal(first, signal.SIGINT)  # as Ctrl-C would: Tune saves its state and exits
+        supervisor.wait_exit(first, 90)
+    finally:
+        supervisor.stop(first)  # what did not exit by itself
     done_before = _nested_finished(uri)
     assert 1 <= done_before < 3
 

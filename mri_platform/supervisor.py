@@ -35,6 +35,8 @@ HOST = "127.0.0.1"
 """The only address the servers bind to."""
 TAG_VARIABLE = "MRI_PLATFORM_SERVICE_TAG"
 """Set in each server's environment, so that its processes are found even after they left its session."""
+PORTS_FROM = 20000
+"""Servers started without a port take one at random from here up to the kernel's ephemeral range (`free_ports`)."""
 _LOG_TAIL_LINES = 20
 _KILL_WAIT_S = 5.0  # after SIGKILL, for the kernel to take the processes down
 
@@ -90,14 +92,28 @@ def free_port() -> int:
 
 
 def free_ports(count: int) -> list[int]:
-    """Return ``count`` distinct free ports: the sockets stay open until all are chosen."""
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((HOST, 0))
-            ports.append(sock.getsockname()[1])
-        return ports
+    """Return ``count`` distinct ports free now, below the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` lies in that range, from which every outbound connection on the
+    machine also takes its local port: a server starting seconds later found its port taken by one (MLflow, in a
+    full test run). Ports below the range are never given to outbound connections.
+    """
+    low, _ = _ephemeral_range()
+    candidates = list(range(PORTS_FROM, low))
+    secrets.SystemRandom().shuffle(candidates)
+    ports = [port for port in candidates[: 64 * count] if port_free(port)][:count]
+    if len(ports) < count:
+        raise RuntimeError(f"found only {len(ports)} free ports of {count} between {PORTS_FROM} and {low}")
+    return ports
+
+
+def _ephemeral_range(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> tuple[int, int]:
+    """The kernel's range of local ports for outbound connections (Linux; elsewhere its usual default)."""
+    try:
+        low, high = map(int, path.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return (low, high) if low - PORTS_FROM >= 1024 else (32768, 60999)
 
 
 def port_free(port: int) -> bool:

@@ -135,6 +135,8 @@ def test_free_ports_are_distinct_and_bindable() -> None:
 
     ports = supervisor.free_ports(5)
     assert len(set(ports)) == 5 and all(supervisor.port_free(port) for port in ports)
+    # never in the range outbound connections take their local ports from, so none can take a server's port
+    assert all(supervisor.PORTS_FROM <= port < supervisor._ephemeral_range()[0] for port in ports)
     with socket.socket() as sock:
         sock.bind((supervisor.HOST, ports[0]))
         sock.listen()

@@ -63,6 +63,76 @@ def test_s3_refuses_a_wrong_secret_key(s3_server: Service) -> None:
     assert listing.get("KeyCount", 0) == 0
 
 
+def test_seaweedfs_master_volume_and_grpc_ports_refuse_anyone_without_the_certificate(s3_server: Service) -> None:
+    """Only the S3 gateway answers without the per-start client certificate: the master's admin API (which
+    deletes a bucket's objects with one GET), the volume server's HTTP port and all four gRPC ports refuse
+    plain connections and TLS without a certificate; with the certificate they answer."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    import grpc
+
+    bucket, ports, tls = s3_server.extra["bucket"], s3_server.extra["ports"], s3_server.extra["tls"]
+    client = servers.s3_client(s3_server)
+    key = f"tests/{uuid.uuid4().hex}.txt"
+    client.put_object(Bucket=bucket, Key=key, Body=b"kept")
+
+    def status(url: str, context: ssl.SSLContext | None = None) -> int | str:
+        try:
+            with urllib.request.urlopen(url, timeout=10, context=context) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+        except OSError as error:
+            return str(error)
+
+    def tls_context(*, certificate: bool) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=tls["ca"])
+        if certificate:
+            context.load_cert_chain(tls["cert"], tls["key"])
+        return context
+
+    delete = f"/col/delete?collection={bucket}"
+    for name in ("master", "volume"):
+        port = ports[name]
+        for path in (delete, "/vol/grow?count=1&collection=x", "/dir/status", "/status"):
+            assert status(f"http://{supervisor.HOST}:{port}{path}") == 400, (name, path)  # "HTTP to an HTTPS server"
+            refused = status(f"https://{supervisor.HOST}:{port}{path}", tls_context(certificate=False))
+            assert isinstance(refused, str) and "CERTIFICATE_REQUIRED" in refused.upper(), (name, path, refused)
+    # The certificate is what is missing: with it the same ports answer.
+    with_certificate = tls_context(certificate=True)
+    assert status(f"https://{supervisor.HOST}:{ports['master']}/dir/status", with_certificate) == 200
+    assert status(f"https://{supervisor.HOST}:{ports['volume']}/status", with_certificate) == 200
+    assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == b"kept"
+
+    def ready(channel: grpc.Channel) -> bool:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=3)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+        finally:
+            channel.close()
+
+    ca = Path(tls["ca"]).read_bytes()
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    for name in ("master_grpc", "volume_grpc", "filer_grpc", "s3_grpc"):
+        address = f"{supervisor.HOST}:{ports[name]}"
+        assert not ready(grpc.insecure_channel(address)), name
+        assert not ready(grpc.secure_channel(address, grpc.ssl_channel_credentials(ca), options)), name
+    address = f"{supervisor.HOST}:{ports['master_grpc']}"
+    credentials = grpc.ssl_channel_credentials(ca, Path(tls["key"]).read_bytes(), Path(tls["cert"]).read_bytes())
+    assert ready(grpc.secure_channel(address, credentials, options))
+
+    folder = Path(tls["key"]).parent
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert {f.name: f.stat().st_mode & 0o777 for f in folder.iterdir()} == dict.fromkeys(
+        ("ca.crt", "node.crt", "node.key"), 0o600
+    )
+    assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == b"kept"
+
+
 def test_stopping_seaweedfs_is_bounded(state_dir: Callable[[str], Path]) -> None:
     service = servers.start_seaweedfs(state_dir("s3-stop"), bucket=None)
     assert supervisor.is_running(service)

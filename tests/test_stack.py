@@ -204,8 +204,9 @@ def test_registry_writes_without_the_login_are_refused(platform: dict, monkeypat
 
 @pytest.mark.slow
 def test_s3_is_reachable_only_through_its_gateway_with_keys(platform: dict) -> None:
-    """The filer's HTTP API is off and the volume servers want a JWT: objects are not readable, writable or
-    listable without S3 keys; the jobs' keys work in the stack's bucket only; no Ray process holds the admin keys."""
+    """The filer's HTTP API is off and the master and volume servers want a client certificate (test_services
+    has the TLS and gRPC checks): objects are not readable, writable, deletable or listable
+    without S3 keys; the jobs' keys work in the stack's bucket only; no Ray process holds the admin keys."""
     import boto3
     from botocore.exceptions import ClientError
 
@@ -219,12 +220,16 @@ def test_s3_is_reachable_only_through_its_gateway_with_keys(platform: dict) -> N
     upload = urllib.request.Request(f"{filer}/buckets/{bucket}/planted.txt", data=b"x", method="PUT")
     with pytest.raises(urllib.error.HTTPError, match="404"):
         urllib.request.urlopen(upload, timeout=10)
-    volume = f"http://{HOST}:{ports['volume']}"
+    # The master and volume HTTP ports speak TLS with client certificates only: plain HTTP gets 400, and the
+    # master's /col/delete (which used to delete the bucket's objects with one GET) reaches nothing.
+    master, volume = f"http://{HOST}:{ports['master']}", f"http://{HOST}:{ports['volume']}"
+    assert _get(f"{master}/col/delete?collection={bucket}") == 400
     for fid in ("1,01637037d6", "2,01637037d6", "3,01637037d6"):
-        assert _get(f"{volume}/{fid}") == 401  # "wrong jwt", before it even looks for the file
+        assert _get(f"{volume}/{fid}") == 400
     plant = urllib.request.Request(f"{volume}/1,01637037d6", data=b"x", method="POST")
-    with pytest.raises(urllib.error.HTTPError, match="401"):
+    with pytest.raises(urllib.error.HTTPError, match="400"):
         urllib.request.urlopen(plant, timeout=10)
+    assert admin.get_object(Bucket=bucket, Key="guarded.txt")["Body"].read() == b"secret scan"
 
     job = servers.s3_client(s3, job=True)
     assert job.get_object(Bucket=bucket, Key="guarded.txt")["Body"].read() == b"secret scan"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
 import secrets
@@ -39,10 +41,12 @@ def start_seaweedfs(
     server get, so that none of them holds the admin keys. Returns once an S3 round trip (list, and
     put/get/delete of a probe object when ``bucket`` is given) works.
 
-    The S3 gateway is the only way in that asks for keys. The filer's HTTP API (which reads, writes and
-    deletes every object without any) is switched off; the volume servers accept reads and writes only with a
-    JWT signed by keys made for this start (``WEED_JWT_*``, in the server's environment only). The master's
-    HTTP port and the gRPC ports have no authentication of their own and stay on 127.0.0.1 (README, Security).
+    The S3 gateway is the only port that answers without a client certificate, and it asks for keys. The
+    filer's HTTP API (which reads, writes and deletes every object without any) is switched off; the master's
+    and volume servers' HTTP ports and all four gRPC ports take only mutual TLS with a certificate signed by a
+    CA made for this start (``_make_certificates``), whose private key is never written; the volume servers
+    also want a JWT signed by keys made for this start (``WEED_JWT_*``, in the server's environment only).
+    Everything stays on 127.0.0.1 (README, Security).
     """
     supervisor.require_free(s3_port)
     if job_keys is not None and bucket is None:
@@ -94,7 +98,8 @@ def start_seaweedfs(
             cmd.append(f"-{part}.localSocket={sock}")
 
     url = f"http://{HOST}:{ports['s3']}"
-    service = supervisor.spawn("seaweedfs", cmd, Path(state_dir), env=_weed_env(), cwd=home, url=url)
+    tls = _make_certificates(home / "tls")
+    service = supervisor.spawn("seaweedfs", cmd, Path(state_dir), env=_weed_env(tls), cwd=home, url=url)
     # Where each gRPC server also listens; no flag moves these sockets out of /tmp.
     service.leftovers = [f"/tmp/seaweedfs-{part}-grpc-{ports[part + '_grpc']}.sock" for part in _WEED_GRPC]
     service.extra.update(
@@ -107,6 +112,7 @@ def start_seaweedfs(
         endpoint=f"{HOST}:{ports['s3']}",
         ports=ports,
         data_dir=str(data_dir),
+        tls=tls,
     )
     client = s3_client(service, read_timeout=5)
 
@@ -161,18 +167,84 @@ def _s3_identities(
     return {"identities": identities}
 
 
-def _weed_env() -> dict[str, str]:
-    """The server's environment with fresh JWT signing keys (SeaweedFS reads ``WEED_*`` as security.toml).
+def _weed_env(tls: dict[str, str]) -> dict[str, str]:
+    """The server's environment with fresh JWT signing keys and the TLS files (SeaweedFS reads ``WEED_*`` as
+    security.toml).
 
     jwt.signing(.read): the volume servers take writes and reads only with a JWT the master signed; the
     filer_signing pair would guard the filer's HTTP API, which is off, and also keys its IAM gRPC service
     and S3's STS (at least 16 bytes). Made per start: the data does not depend on them.
+
+    grpc.*: every gRPC server (master, volume, filer, S3) and client presents the node certificate and asks
+    for one signed by the CA: plaintext and certificate-less TLS are refused. https.master/volume with
+    https.client.enabled: the master's and volume servers' HTTP ports speak TLS only and require a client
+    certificate, so the master's unauthenticated admin API (/col/delete, /vol/grow, /dir/assign) is shut.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("WEED_")}
     for name in ("SIGNING_KEY", "SIGNING_READ_KEY", "FILER_SIGNING_KEY", "FILER_SIGNING_READ_KEY"):
         env[f"WEED_JWT_{name}"] = secrets.token_hex(32)
     env["WEED_ACCESS_UI"] = "false"  # the volume servers' status page
+    env["WEED_GRPC_CA"] = tls["ca"]
+    for part in ("MASTER", "VOLUME", "FILER", "S3", "CLIENT"):
+        env[f"WEED_GRPC_{part}_CERT"] = tls["cert"]
+        env[f"WEED_GRPC_{part}_KEY"] = tls["key"]
+    for part in ("MASTER", "VOLUME", "CLIENT"):
+        env[f"WEED_HTTPS_{part}_CERT"] = tls["cert"]
+        env[f"WEED_HTTPS_{part}_KEY"] = tls["key"]
+        env[f"WEED_HTTPS_{part}_CA"] = tls["ca"]
+    env["WEED_HTTPS_CLIENT_ENABLED"] = "true"
     return env
+
+
+def _make_certificates(folder: Path) -> dict[str, str]:
+    """A CA and one node certificate (server and client use, for 127.0.0.1 and localhost) signed by it, made
+    for this start. The CA's private key stays in memory and is dropped: nothing can sign another
+    certificate, so holding a copy of the files in this folder (0600) is the only way to the TLS ports.
+    Returns the paths: ``ca``, ``cert``, ``key``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    valid_from, valid_to = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=3650)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mri-platform seaweedfs ca")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid_from)
+        .not_valid_after(valid_to)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]
+    usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "seaweedfs")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid_from)
+        .not_valid_after(valid_to)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    paths = {"ca": str(folder / "ca.crt"), "cert": str(folder / "node.crt"), "key": str(folder / "node.key")}
+    pem = serialization.Encoding.PEM
+    supervisor.write_private(Path(paths["ca"]), ca.public_bytes(pem).decode())
+    supervisor.write_private(Path(paths["cert"]), cert.public_bytes(pem).decode())
+    private = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    supervisor.write_private(Path(paths["key"]), private.decode())
+    return paths
 
 
 def s3_client(service: Service, *, read_timeout: float = 30, job: bool = False) -> Any:

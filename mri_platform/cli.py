@@ -219,6 +219,18 @@ def train(
     _write_json(json_out, result.to_json())
 
 
+def _read_by_file(data: str | None) -> bool:
+    """Whether evaluate and promote read `data` with the streaming module's reader: an S3 source, or a cohort that
+    `prepare` wrote (on S3 or on disk), whose slices are Parquet rather than images or volumes."""
+    if not data or data == "builtin":
+        return False
+    if data.startswith("s3://"):
+        return True
+    from mri_platform.streaming import is_prepared
+
+    return is_prepared(data)
+
+
 @app.command()
 def evaluate(
     model_uri: Annotated[
@@ -252,7 +264,7 @@ def evaluate(
 
     try:
         noise = _noise(noise_variance, noise_std, noise_kind, no_clip)
-        if data and data.startswith("s3://"):
+        if _read_by_file(data):
             from mri_platform.streaming import read_source
 
             slices = read_source(data, planes=tuple(planes.split(",")), size=size)
@@ -307,7 +319,7 @@ def promote(
 
     try:
         noise = _noise(noise_variance, noise_std, None, False)
-        if data and data.startswith("s3://"):  # the held-out files of the split a streamed training run made
+        if _read_by_file(data):  # the held-out files of the split a streamed run made, or a prepared cohort's sample
             from mri_platform.streaming import read_held_out
 
             held_out = read_held_out(data)

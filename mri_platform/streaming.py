@@ -365,6 +365,11 @@ def write_prepared(src: str, dst: str, *, planes: tuple[str, ...], size: int | s
     return manifest
 
 
+def is_prepared(data: str) -> bool:
+    """Whether `data` (a folder or s3://bucket/prefix) holds a cohort that `write_prepared` wrote."""
+    return _manifest(data) is not None
+
+
 def _manifest(data: str | None) -> dict[str, Any] | None:
     """The manifest `write_prepared` left in `data`, or None for any other source."""
     import pyarrow.fs

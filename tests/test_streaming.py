@@ -2,6 +2,7 @@
 sorting the whole split, and each worker's batches streamed from one pass of its shard for the whole run."""
 
 import gc
+import json
 import shutil
 import threading
 
@@ -96,7 +97,9 @@ def test_every_epoch_takes_its_steps_from_one_pass_sized_for_the_run(local_ray):
             assert started == passes
 
 
-def test_a_prepared_cohort_gives_a_run_the_same_slices_without_its_volumes(local_ray, cohort, tmp_path):
+def test_a_prepared_cohort_gives_a_run_the_same_slices_without_its_volumes(
+    local_ray, cohort, tmp_path, native_checkpoint
+):
     from typer.testing import CliRunner
 
     from mri_platform.cli import app
@@ -122,3 +125,9 @@ def test_a_prepared_cohort_gives_a_run_the_same_slices_without_its_volumes(local
     # evaluate and promote score the held-out sample too, at the size it was prepared at
     for scored in (streaming.read_source(str(prepared)), streaming.read_held_out(str(prepared))):
         assert scored.names == direct.held_out.names and scored.images.shape[1:] == (32, 32)
+    # and so does the command, from the folder on disk as from S3
+    report = tmp_path / "report.json"
+    args = ["evaluate", "--model-uri", str(native_checkpoint), "--data", str(prepared), "--json", str(report)]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert json.loads(report.read_text())["n_images"] == len(direct.held_out.names)

@@ -228,7 +228,7 @@ def main() -> None:
         multipart, content_type = _multipart("volume", "big.nii.gz", volume)
         print(f"server ready in {ready:.1f} s; largest accepted volume {shape} ({len(volume) / 2**10:.0f} KiB gz)")
 
-        with Clients(server.url, body, args.concurrency, 3.0):  # warm-up: the dispatcher learns its latencies
+        with Clients(server.url, body, args.concurrency, 3.0):  # warm-up: first passes, allocator, connections
             pass
         rss_before = tree_memory(server)[0]
         with Clients(server.url, body, args.concurrency, args.seconds) as before:

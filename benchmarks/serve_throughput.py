@@ -1,13 +1,14 @@
-"""Serving throughput: a real `bentoml serve` of AE1 and AE2 under closed-loop load, adaptive batching on vs off,
-JSON vs .npy bodies.
+"""Serving throughput: a real `bentoml serve` of AE1 and AE2 under closed-loop load: the service's batcher against
+BentoML's adaptive dispatcher and against no batching, JSON vs .npy bodies.
 
 Each model is registered in a temporary sqlite MLflow registry, imported into a temporary BentoML store the way
-`mri-platform build` does it, and served (one server at a time) per --modes: MRI_SERVICE_BATCHING=on with JSON
-bodies, off with JSON, and on with .npy bodies (application/x-npy, service/binary.py). A closed loop of 1, 8, 32 and
+`mri-platform build` does it, and served (one server at a time) per --modes: MRI_SERVICE_BATCHING=on (the
+service's greedy batcher, service/batcher.py) with JSON bodies, `bentoml` (BentoML's CORK dispatcher) with JSON,
+`off` with JSON, and `on` with .npy bodies (application/x-npy, service/binary.py). A closed loop of 1, 8, 32 and
 64 clients (threads with keep-alive connections) posts one 64x64 slice per request to /denoise; each level warms up,
 then runs until --requests answers or --seconds, whichever comes first. The batch sizes that formed come from the
-server's Prometheus histogram (before/after each level). With no server running, the same `Denoiser` the service
-runs is then timed in this process at those batch sizes: the ceiling.
+server's Prometheus histograms (before/after each level). With no server running, the same `Denoiser` the service
+runs, at the same precision, is then timed in this process at those batch sizes: the ceiling.
 
 The load generator runs on the same cores as the server (2 on this machine kind): its CPU use is printed beside
 the server's so that a client-bound result is visible. Untrained weights: throughput does not depend on them.
@@ -41,13 +42,16 @@ from mri_platform.servers import start_bento
 ROOT = Path(__file__).resolve().parent.parent
 """Where `bentoml serve` runs, so that it imports the service from this checkout."""
 TARGET = "service.service:MRIDenoiser"
-BATCH_METRIC = "bentoml_service_adaptive_batch_size"
-"""BentoML's histogram of requests merged per batch (observed once per batch; here 1 request = 1 slice)."""
+BATCH_METRICS = ("mri_denoise_batch_size", "bentoml_service_adaptive_batch_size")
+"""The histograms of requests merged per forward call: the service's batcher's and BentoML's dispatcher's (observed
+once per batch; here 1 request = 1 slice). A server fills one of them, by its MRI_SERVICE_BATCHING."""
 REGISTERED = "mri-denoiser"
 NPY = "application/x-npy"
 """/denoise's binary transport (service/binary.py)."""
 OTHER_CPU_WARNING = 0.2
 """Cores used by other processes during a level above which the report warns that the figures are distorted."""
+PRECISION = os.environ.get("MRI_SERVICE_PRECISION", "auto")
+"""The servers' precision (the service's default, 'auto', unless set), and the in-process ceiling's."""
 TIMEOUT_S = 30.0
 """A request that takes longer counts as an error; bounds the drain at the end of a level."""
 
@@ -196,13 +200,14 @@ def tree_memory(server: supervisor.Service) -> tuple[float, float, int]:
 
 
 def batch_histogram(url: str) -> tuple[float, float]:
-    """(sum, count) of the adaptive batch size histogram for /denoise, summed over workers."""
+    """(sum, count) of the batch size histograms for /denoise, summed over workers."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
         text = response.read().decode()
     totals = {"sum": 0.0, "count": 0.0}
-    pattern = re.compile(rf"^{BATCH_METRIC}_(sum|count)\{{([^}}]*)\}} ([0-9.eE+-]+)$", re.MULTILINE)
+    names = "|".join(BATCH_METRICS)
+    pattern = re.compile(rf"^(?:{names})_(sum|count)(?:\{{([^}}]*)\}})? ([0-9.eE+-]+)$", re.MULTILINE)
     for kind, labels, value in pattern.findall(text):
-        if 'method_name="denoise"' in labels:
+        if not labels or 'method_name="denoise"' in labels:
             totals[kind] += float(value)
     return totals["sum"], totals["count"]
 
@@ -332,7 +337,7 @@ def in_process(checkpoint: Path, batch_sizes: list[int], seconds: float) -> dict
     from service.denoiser import Denoiser, configure_threads
 
     configure_threads()  # as the service does: every core for one forward pass
-    denoiser = Denoiser(checkpoint)
+    denoiser = Denoiser(checkpoint, precision=PRECISION)
     rng = np.random.default_rng(0)
     batches = {size: rng.random((size, 64, 64), dtype=np.float32) for size in batch_sizes}
     for batch in batches.values():
@@ -372,8 +377,15 @@ def print_tables(levels: list[Level], servers: list[Server]) -> None:
         summary = []
         if (32, "on") in by and (32, "off") in by:
             on, off = by[(32, "on")], by[(32, "off")]
-            summary.append(f"adaptive batching speed-up at concurrency 32: {on.rps / off.rps:.2f}x")
+            summary.append(f"batching speed-up at concurrency 32: {on.rps / off.rps:.2f}x")
             summary.append(f"p99 at concurrency 32 (on): {on.p99_ms:.0f} ms")
+        for concurrency in (32, 64):
+            if (concurrency, "on") in by and (concurrency, "bentoml") in by:
+                ours, theirs = by[(concurrency, "on")], by[(concurrency, "bentoml")]
+                summary.append(
+                    f"service's batcher against BentoML's dispatcher at concurrency {concurrency}: "
+                    f"{ours.rps / theirs.rps:.2f}x (p99 {ours.p99_ms:.0f} against {theirs.p99_ms:.0f} ms)"
+                )
         if (64, "on") in by:
             top = by[(64, "on")]
             summary.append(f"served/ceiling at concurrency 64 (on): {100 * top.rps / top.ceiling_ips:.0f} %")
@@ -397,11 +409,11 @@ def print_tables(levels: list[Level], servers: list[Server]) -> None:
 def measure_model(
     name: str, tag: str, checkpoint: Path, bodies: dict[str, bytes], folder: Path, args: argparse.Namespace
 ) -> tuple[list[Level], list[Server], dict[int, float]]:
-    """Every level against a server per mode (batching on with JSON, off with JSON, on with .npy bodies); then the
-    in-process ceiling, with no server up."""
+    """Every level against a server per mode (the service's batcher, BentoML's dispatcher, or none, with JSON; the
+    service's batcher with .npy bodies); then the in-process ceiling, with no server up."""
     levels, servers = [], []
     for mode in args.modes:
-        batching = "off" if mode == "off" else "on"
+        batching = "on" if mode == "npy" else mode
         content_type = NPY if mode == "npy" else "application/json"
         body = bodies[content_type]
         with serve(tag, batching, folder / f"serve-{name}-{mode}", folder / "bentoml") as (server, ready):
@@ -442,9 +454,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--modes",
-        default="on,off,npy",
+        default="on,bentoml,off,npy",
         type=lambda v: [m.strip() for m in v.split(",")],
-        help="servers to measure: 'on' (batching, JSON), 'off' (no batching, JSON), 'npy' (batching, .npy bodies)",
+        help="servers to measure: 'on' (the service's batcher, JSON), 'bentoml' (BentoML's dispatcher, JSON), 'off' "
+        "(no batching, JSON), 'npy' (the service's batcher, .npy bodies)",
     )
     parser.add_argument("--json", type=Path, help="write every measurement here")
     args = parser.parse_args()
@@ -477,10 +490,10 @@ def main() -> None:
             "levels (column 'other CPU'): the figures are lower and noisier than on a quiet machine."
         )
     print(
-        f"\nmachine: {psutil.cpu_count()} cores, torch {torch_threads()} threads for a forward pass (in the server "
-        "and in-process); the load generator shares those cores with the server (client / server / other CPU in "
-        "cores). One slice per request; mean batch = requests merged per forward pass (BentoML's "
-        f"adaptive_batch_size histogram). Whole run: {time.perf_counter() - began:.0f} s."
+        f"\nmachine: {psutil.cpu_count()} cores ({cpu_model()}), torch {torch_threads()} threads for a forward pass "
+        f"(in the server and in-process), precision {PRECISION}; the load generator shares those cores with the "
+        "server (client / server / other CPU in cores). One slice per request; mean batch = requests merged per "
+        f"forward pass (the servers' batch size histograms). Whole run: {time.perf_counter() - began:.0f} s."
     )
     if args.json:
         report = {
@@ -490,6 +503,16 @@ def main() -> None:
             "cores": psutil.cpu_count(),
         }
         args.json.write_text(json.dumps(report, indent=2))
+
+
+def cpu_model() -> str:
+    """The vector units torch uses here and whether the CPU computes bf16 natively ('auto' precision's rule)."""
+    import torch
+
+    from mri_platform.steps import autocast_dtype
+
+    native = autocast_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    return f"{torch.backends.cpu.get_cpu_capability()}, {'native' if native else 'no native'} bf16"
 
 
 def torch_threads() -> int:

@@ -3,9 +3,9 @@
 JSON costs more than the model for small slices: a 64 x 64 slice is 4,096 numbers written, parsed and validated each
 way (``benchmarks/serve_throughput.py``). A request with ``Content-Type: application/x-npy`` carries the (N, H, W) or
 (H, W) array as NumPy's own format (``np.save``; float32 in [0, 1], or uint8 0-255, never pickled objects); its answer
-is the (N, H, W) float32 array in the same format. BentoML 1.4 has no input type for that on a batchable API, so
+is the (N, H, W) float32 array in the same format. BentoML 1.4 has no input type for that beside JSON, so
 :func:`service.errors.install`'s wrapper of its endpoint hands such a request here, and the array joins the same
-dispatcher queue (``batch_infer``) as the JSON requests.
+batch queue as the JSON requests (the service's batcher, or BentoML's dispatcher with MRI_SERVICE_BATCHING=bentoml).
 """
 
 from __future__ import annotations
@@ -48,13 +48,12 @@ def write_npy(slices: list[np.ndarray]) -> bytes:
 
 
 async def answer(factory: object, name: str, request: object, validate: Callable[[np.ndarray], list]) -> object:
-    """Denoise a .npy request through the API's dispatcher; the Response, or InputError for bad input."""
+    """Denoise a .npy request through the API's batch queue; the Response, or InputError for bad input."""
     from starlette.responses import Response
 
     slices = validate(read_npy(await request.body()))  # type: ignore[attr-defined]
-    if factory.service.apis[name].batchable:  # type: ignore[attr-defined]
+    if factory.service.apis[name].batchable:  # type: ignore[attr-defined]  # MRI_SERVICE_BATCHING=bentoml
         output = await factory.batch_infer(name, (), {"slices": slices})  # type: ignore[attr-defined]
-    else:  # MRI_SERVICE_BATCHING=off
-        func = getattr(factory._service_instance, name).local  # type: ignore[attr-defined]
-        output = await factory._to_thread(func, slices=slices)  # type: ignore[attr-defined]
+    else:  # the service's own batcher (service.batcher), as its JSON requests
+        output = await factory._service_instance.batcher(slices)  # type: ignore[attr-defined]
     return Response(write_npy(output), media_type=NPY)

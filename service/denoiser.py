@@ -34,10 +34,13 @@ import torch
 
 from mri_platform.checkpoints import FILENAME, applies_natively, checkpoint_noise, load_checkpoint, trained_size
 from mri_platform.noise import NoiseConfig
+from mri_platform.steps import autocast_dtype
 from service.admission import Cancelled, ModelGate
 from service.imaging import resize
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
+"""'auto': bf16 autocast where the device computes bf16 natively (a CPU with AVX-512 BF16 or AMX, a GPU from Ampere
+on), else fp32. Measured on the built-in held-out slices: bf16 changes PSNR by at most 0.003 dB (AE1, U-Net)."""
 CGROUP = Path("/sys/fs/cgroup")
 """Where a container's CPU limit is read (`cpu_quota`): the process's own cgroup in a container's namespace."""
 TILE = 256
@@ -109,7 +112,10 @@ class Denoiser:
         if pass_pixels < tile * tile:
             raise ValueError(f"pass_pixels ({pass_pixels:,}) must hold at least one tile ({tile} x {tile})")
         self.model = self.model.to(self.device, memory_format=torch.channels_last)
+        if precision == "auto":
+            precision = "bf16" if autocast_dtype("auto", self.device) == torch.bfloat16 else "fp32"
         self.precision = precision
+        """What the forward passes run in: fp32 or bf16 ('auto' resolved)."""
         self.native = applies_natively(self.meta) if native is None else native
         self.size = size or trained_size(self.meta)
         """The side a report model is fed (resized to it and back); what a native model learned from."""

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
+from service.batcher import Overloaded
 from service.imaging import InputError
 
 logger = logging.getLogger("service.refused")
@@ -62,11 +63,13 @@ ERROR_SCHEMA: dict[str, Any] = {
 }
 
 
-def error_response(status: int, message: str, detail: list[dict[str, Any]] | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, detail: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body: dict[str, Any] = {"error": message}
     if detail:
         body["detail"] = detail
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def refusal(exc: BaseException) -> JSONResponse | None:
@@ -83,6 +86,9 @@ def refusal(exc: BaseException) -> JSONResponse | None:
         return error_response(400, message, detail)
     if isinstance(exc, InputError):
         return error_response(exc.status, str(exc))
+    if isinstance(exc, Overloaded):  # waited past the latency budget in the service's batch queue
+        message = f"the server is overloaded (this request {exc}); retry later, or send fewer slices"
+        return error_response(503, message, headers={"Retry-After": "1"})
     if isinstance(exc, HTTPException) and exc.status_code < 500:  # Starlette's form parser
         return error_response(exc.status_code, str(exc.detail))
     if isinstance(exc, ClientDisconnect):  # the client left (over the body limit, admission answers 413 instead)

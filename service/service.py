@@ -2,8 +2,8 @@
 
 APIs (all POST, as BentoML serves them; see http://127.0.0.1:3000 for the OpenAPI page):
 - ``/denoise``: ``{"slices": [[...H x W...], ...]}`` -> the denoised slices in the same order and shape. Any
-  H x W within the pixel limit; one (H, W) slice is a request of one. Batchable: concurrent requests are merged
-  into one batch (``max_batch_size`` slices, ``max_latency_ms``), whatever their sizes (see below).
+  H x W within the pixel limit; one (H, W) slice is a request of one. Batched: concurrent requests share forward
+  calls (``max_batch_size`` slices, ``max_latency_ms``), whatever their sizes (see below).
 - ``/denoise_image``: a PNG/JPEG of any size and mode (multipart field ``image``) -> a denoised PNG at the
   original size (``size=original``), or at the model's 64 x 64 for a report model (``size=model``).
 - ``/denoise_volume``: a ``.nii``/``.nii.gz`` (field ``volume``) -> the volume denoised slice by slice along its
@@ -20,26 +20,20 @@ every image, slice and volume at its own resolution, tiled above ``MRI_SERVICE_T
 than refusing what is not 64 x 64: it is what /denoise_image does for the same model, and a caller cannot always
 resize as the training data was (Lanczos, clipped); sending 64 x 64 slices skips the resizing.
 
-**Mixed sizes under adaptive batching.** BentoML merges the batchable argument of concurrent requests with the
-container of its type (``bentoml/_internal/runner/container.py``): ndarrays with ``np.concatenate`` on the batch
-axis, which fails, and so answers 500 to every request of the batch, as soon as two sizes meet; lists with
-``list.extend``, whatever their elements. So /denoise takes a *list* of (H, W) slices (option b of those weighed;
-the JSON is the same as an (N, H, W) array's); BentoML still counts slices for ``max_batch_size``, splits a big
-request across batches and hands each request its own part of the returned list; the API groups a merged batch
-by size and runs each group as one forward pass (:meth:`Denoiser.denoise_list`), so same-size requests batch
-exactly as before.
-Measured: validating, merging, splitting and writing the JSON of 16 one-slice 64 x 64 requests costs 0.46 ms of
-CPU per request with the list as with the ndarray (in-process, forward pass excluded); served AE1 under 16 and 32
-closed-loop clients formed the same batches (about 8 and 16-26 requests) at the same rate within the noise of a
-machine busy with training (133-211 req/s before, 113-193 after). The alternatives weighed: (a) cutting every
-request into fixed-size tiles in the validator pads a 64 x 64 slice to a whole tile (16 slices padded to tiles of
-128: 68 against 12 ms for a U-Net of 8 filters, 1 thread; a 256 x 256 slice in 9 tiles of 128: 37 against 11 ms)
-and needs each request's geometry back after BentoML's split; (c) a non-batchable front for other sizes needs a
-second service (``bentoml.depends``: another process, ~0.9 GB with torch), since an API calling its own batchable
-API skips the batcher.
-One caveat: a batch's cost grows with its pixels, not its slice count, so a few huge slices in a busy batch can
-push queued requests past ``max_latency_ms`` (503, worth retrying); /denoise_image and /denoise_volume, which
-are not batched, suit big images better.
+**Batching.** /denoise's requests go through :class:`service.batcher.GreedyBatcher`: whenever the model is free, one
+forward call takes every waiting request, whatever their sizes; the call groups its slices by size and runs each
+group as one forward pass (:meth:`Denoiser.denoise_list`), so same-size requests batch exactly, and hands each
+request its own slices back. It replaced BentoML's adaptive dispatcher (still there with MRI_SERVICE_BATCHING=bentoml,
+to compare: ``benchmarks/serve_throughput.py``), which holds requests back to fill the batch its latency model
+predicts, and whose latency model a burst once taught to refuse every request for minutes. /denoise takes a *list*
+of (H, W) slices (its JSON is the same as an (N, H, W) array's) because BentoML's dispatcher merges a list whatever
+its elements, and an ndarray with ``np.concatenate``, which fails a whole batch as soon as two sizes meet.
+Measured before the change: validating, merging, splitting and writing the JSON of 16 one-slice 64 x 64 requests cost
+0.46 ms of CPU per request with the list as with the ndarray. Cutting every request into fixed-size tiles instead
+would pad a 64 x 64 slice to a whole tile (16 slices padded to tiles of 128: 68 against 12 ms for a U-Net of 8
+filters, 1 thread). A batch's cost grows with its pixels, not its slice count, so a few huge slices in a busy
+batch can push queued requests past ``max_latency_ms`` (503, worth retrying); /denoise_image and /denoise_volume
+suit big images better.
 
 Settings come from the environment, read when the service is imported (``MRI_SERVICE_*``, see ``Settings``).
 """
@@ -74,6 +68,7 @@ from service.admission import (
     return_freed_memory,
     trim_memory,
 )
+from service.batcher import GreedyBatcher, batch_histogram
 from service.build import BENTO_NAME, MODEL_ENV, MODEL_NAME
 from service.denoiser import OVERLAP, TILE, Denoiser, configure_threads
 from service.imaging import InputError, Limits
@@ -95,23 +90,30 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name}={value!r} is not an integer") from None
 
 
+BATCHINGS = ("on", "bentoml", "off")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Serving settings, from ``MRI_SERVICE_*`` environment variables."""
 
     model: str = f"{MODEL_NAME}:latest"
     """MRI_SERVICE_MODEL: the BentoML model tag to load (`mri-platform build` pins it to the imported version)."""
-    batching: bool = True
-    """MRI_SERVICE_BATCHING: 'off' serves /denoise one request at a time (to measure what batching brings)."""
+    batching: str = "on"
+    """MRI_SERVICE_BATCHING: 'on' batches /denoise greedily (:mod:`service.batcher`: whenever the model is free, one
+    forward call takes every waiting request); 'bentoml' uses BentoML's adaptive (CORK) dispatcher instead, as the
+    service did before (the serving benchmark compares them); 'off' serves one request at a time."""
     max_batch_size: int = 32
     """MRI_SERVICE_MAX_BATCH_SIZE: most requests merged into one forward pass (AE1 on 2 cores is fastest per slice
     at 8-16 and slower beyond 32, see the serving benchmark)."""
     max_latency_ms: int = 3000
-    """MRI_SERVICE_MAX_LATENCY_MS: the latency budget of a batched request; beyond it BentoML answers 503."""
+    """MRI_SERVICE_MAX_LATENCY_MS: the latency budget of a batched request: one that has waited this long for the
+    model is answered 503 rather than run."""
     torch_threads: int = 0
     """MRI_SERVICE_TORCH_THREADS: threads of one forward pass; 0 uses every core the server may run on."""
-    precision: str = "fp32"
-    """MRI_SERVICE_PRECISION: fp32, or bf16 autocast (faster on CPUs with bf16 units)."""
+    precision: str = "auto"
+    """MRI_SERVICE_PRECISION: 'auto' (bf16 autocast where the CPU or GPU computes bf16 natively, else fp32), fp32 or
+    bf16. bf16 served AE1 1.3x faster on a CPU with AVX-512 BF16 and moved PSNR by at most 0.003 dB."""
     tile: int = TILE
     """MRI_SERVICE_TILE: a native model denoises slices up to tile x tile whole, bigger ones in tiles of that size
     (bounds the memory of a forward pass)."""
@@ -132,12 +134,13 @@ class Settings:
     def from_env(cls) -> Settings:
         defaults, limits, admission = cls(), Limits(), AdmissionSettings()
         batching = os.environ.get("MRI_SERVICE_BATCHING", "on").strip().lower()
-        if batching not in ("on", "off", "true", "false", "1", "0"):
-            raise ValueError(f"MRI_SERVICE_BATCHING must be 'on' or 'off', got {batching!r}")
+        batching = {"true": "on", "1": "on", "false": "off", "0": "off"}.get(batching, batching)
+        if batching not in BATCHINGS:
+            raise ValueError(f"MRI_SERVICE_BATCHING must be one of {', '.join(BATCHINGS)}, got {batching!r}")
         request_bytes = _env_int("MRI_SERVICE_MAX_REQUEST_MB", limits.max_request_bytes >> 20) << 20
         return cls(
             model=os.environ.get(MODEL_ENV) or defaults.model,
-            batching=batching in ("on", "true", "1"),
+            batching=batching,
             max_batch_size=_env_int("MRI_SERVICE_MAX_BATCH_SIZE", defaults.max_batch_size),
             max_latency_ms=_env_int("MRI_SERVICE_MAX_LATENCY_MS", defaults.max_latency_ms),
             torch_threads=_env_int("MRI_SERVICE_TORCH_THREADS", defaults.torch_threads),
@@ -282,6 +285,14 @@ class MRIDenoiser:
             self.model_ref.path, precision=SETTINGS.precision, tile=SETTINGS.tile, overlap=SETTINGS.tile_overlap
         )
         self.size = self.denoiser.size
+        self.batcher = GreedyBatcher(
+            self.denoiser.denoise_list,
+            max_batch_size=SETTINGS.max_batch_size if SETTINGS.batching == "on" else 1,
+            # BentoML's dispatcher keeps its own budget; its merged batch arrives here as one job
+            max_latency_s=SETTINGS.max_latency_ms / 1000 if SETTINGS.batching != "bentoml" else float("inf"),
+            observe=batch_histogram().observe if SETTINGS.batching == "on" else None,
+        )
+        """Every /denoise forward call goes through it, on its own thread (JSON and .npy, service.binary)."""
         self.limits, work = work_limits(SETTINGS, self._seconds_per_megapixel())
         stored = bentoml.models.get(self.model_ref.tag)
         described = self.denoiser.describe()
@@ -309,19 +320,19 @@ class MRIDenoiser:
         _instance = self
 
     @bentoml.api(
-        batchable=SETTINGS.batching,
+        batchable=SETTINGS.batching == "bentoml",
         batch_dim=0,
         max_batch_size=SETTINGS.max_batch_size,
         max_latency_ms=SETTINGS.max_latency_ms,
         output_spec=SlicesJSON,
     )
-    def denoise(self, slices: Slices) -> list[np.ndarray]:
+    async def denoise(self, slices: Slices) -> list[np.ndarray]:
         """Denoise (N, H, W) float32 slices in [0, 1], or one (H, W) slice; returns them in the same order and
         shape (N, H, W). A native model works at H x W; a report model resizes to its 64 x 64 and back."""
-        # One call may hold several requests' slices of different sizes (see the module's docstring).
+        # The batcher merges this request with the others waiting (of any sizes: see the module's docstring).
         # Rounded to 1e-5 (far below an 8-bit step, 4e-3) as float64, whose JSON is short: a float32 prints 17
         # digits once in Python, and writing that JSON cost more than the forward pass.
-        return [np.round(image.astype(np.float64), 5) for image in self.denoiser.denoise_list(slices)]
+        return [np.round(image.astype(np.float64), 5) for image in await self.batcher(slices)]
 
     @bentoml.api
     def denoise_image(
@@ -469,4 +480,4 @@ class MRIDenoiser:
 errors.install(binary={"denoise": _valid_slices})  # refusals without a traceback; /denoise takes .npy too
 MRIDenoiser.add_asgi_middleware(errors.Refusals)  # first, so outermost: it logs admission's 408/413/503 too
 MRIDenoiser.add_asgi_middleware(Admission, settings=SETTINGS.admission, lanes=LANES)
-MRIDenoiser.add_asgi_middleware(OpenAPIErrors, batched=[n for n, api in MRIDenoiser.apis.items() if api.batchable])
+MRIDenoiser.add_asgi_middleware(OpenAPIErrors, batched=["denoise"])  # its batch queue answers 503 past the budget

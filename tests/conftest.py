@@ -121,12 +121,13 @@ def built_bento(state_dir: Callable[[str], Path], native_model) -> dict:
 @pytest.fixture(scope="session")
 def bento_server(built_bento: dict, state_dir: Callable[[str], Path]) -> Iterator[Service]:
     """`bentoml serve` of the built Bento on a free port of 127.0.0.1 (one worker, batching on), with header and
-    body timeouts of 3 s instead of 10 so that the tests of stalled clients are short."""
+    body timeouts of 3 s instead of 10 so that the tests of stalled clients are short. In fp32, so that its answers
+    equal the model's in-process to 1e-4; the default precision, 'auto', is tested in-process (test_service.py)."""
     service = servers.start_bento(
         state_dir("bento-serve"),
         built_bento["tag"],
         bentoml_home=built_bento["bentoml_home"],
-        env={"MRI_SERVICE_HEADER_S": "3", "MRI_SERVICE_BODY_IDLE_S": "3"},
+        env={"MRI_SERVICE_HEADER_S": "3", "MRI_SERVICE_BODY_IDLE_S": "3", "MRI_SERVICE_PRECISION": "fp32"},
     )
     yield service
     supervisor.stop(service)

@@ -14,9 +14,44 @@ from collections import Counter
 import nibabel as nib
 import numpy as np
 
-from service.admission import Admission, AdmissionSettings, Cancelled, LaneLimit, ModelGate
+from service.admission import Admission, AdmissionSettings, Cancelled, LaneLimit, ModelGate, release_request_timers
 
 # ------------------------------------------------------------------------------------------------ the gate
+
+
+def test_bentomls_request_timeout_leaves_no_timer_behind_and_a_silent_handler_does_not_hang():
+    """BentoML's TimeoutMiddleware armed a 120 s timer per request and never cancelled it: every request's timer,
+    future and context stayed alive for two minutes, and the collector's full passes grew with them."""
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    release_request_timers()
+
+    async def answer(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def silent(scope, receive, send):  # ends without a response
+        return None
+
+    async def main() -> tuple[int, int, float]:
+        loop = asyncio.get_running_loop()
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        for _ in range(200):
+            await TimeoutMiddleware(answer, timeout=120)({"type": "http"}, receive, send)
+        live = [h for h in loop._scheduled if not h.cancelled() and h.when() > loop.time() + 60]
+        started = time.monotonic()
+        await asyncio.wait_for(TimeoutMiddleware(silent, timeout=120)({"type": "http"}, receive, send), 5)
+        return len(live), sum(m["type"] == "http.response.start" for m in sent), time.monotonic() - started
+
+    live, answered, silent_s = asyncio.run(main())
+    assert live == 0 and answered == 200 and silent_s < 1
 
 
 def test_urgent_passes_go_before_bulk_passes_that_waited_longer():

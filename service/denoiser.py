@@ -168,17 +168,25 @@ class Denoiser:
         )
 
     @torch.inference_mode()
-    def __call__(self, slices: np.ndarray, *, bulk: bool = False, deadline: float | None = None) -> np.ndarray:
+    def __call__(
+        self,
+        slices: np.ndarray,
+        *,
+        bulk: bool = False,
+        deadline: float | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> np.ndarray:
         """Denoise (N, H, W) float32 slices in [0, 1]; returns (N, H, W) float32 in [0, 1].
 
         ``bulk`` work (a volume, a big image) lets urgent work (the batched slice API) go first between any two of
         its forward passes; with a ``deadline`` (time.monotonic) it raises :class:`Cancelled` once that has
-        passed, between two passes, rather than holding the cores for an answer nobody waits for any more.
+        passed, or once ``cancelled`` is set (its request was given up), between two passes, rather than holding
+        the cores for an answer nobody waits for any more.
         """
         array = np.asarray(slices, dtype=np.float32)
         if array.ndim != 3 or 0 in array.shape:
             raise ValueError(f"expected (N, H, W) slices with N, H, W >= 1, got shape {array.shape}")
-        self._call.bulk, self._call.deadline = bulk, deadline
+        self._call.bulk, self._call.deadline, self._call.cancelled = bulk, deadline, cancelled
         height, width = array.shape[1:]
         if not self.native:
             return self._resized(array)
@@ -200,8 +208,8 @@ class Denoiser:
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         """One forward pass of (n, h, w) slices or tiles, through the gate."""
         if getattr(self._call, "bulk", False):
-            deadline = self._call.deadline
-            if deadline is not None and time.monotonic() > deadline:
+            deadline, cancelled = self._call.deadline, self._call.cancelled
+            if (deadline is not None and time.monotonic() > deadline) or (cancelled and cancelled.is_set()):
                 raise Cancelled
             with self.gate.bulk(deadline):
                 return self._pass(batch)

@@ -40,10 +40,14 @@ Settings come from the environment, read when the service is imported (``MRI_SER
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gc
 import os
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -169,14 +173,17 @@ class Settings:
 
 SETTINGS = Settings.from_env()
 LANES = {
-    "/denoise": LaneLimit(running=512, waiting=0),  # BentoML's batcher queues these, and 503s past the budget
-    "/denoise_volume": LaneLimit(running=1, waiting=8),
-    "/denoise_image": LaneLimit(running=2, waiting=32),
-    "/preview": LaneLimit(running=2, waiting=32),
+    "/denoise": LaneLimit(running=512, waiting=0),  # its batcher queues these, and 503s past the latency budget
+    "/denoise_volume": LaneLimit(running=1, waiting=63),
+    "/denoise_image": LaneLimit(running=2, waiting=62),
+    "/preview": LaneLimit(running=2, waiting=62),
 }
-"""Requests of each endpoint handled at once, and queued behind them; beyond, 503 with Retry-After at once. The
-queues absorb 64 clients of mixed traffic (benchmarks/serve_soak.py: with 2 and 8 queued, 19 of 12,955 requests
-were refused); their memory is bounded by MRI_SERVICE_BODY_BUFFER_MB, which counts queued bodies too."""
+"""Requests of each endpoint handled at once, and queued behind them; beyond, 503 with Retry-After at once. Each lane
+holds 64 requests, so that 64 clients of mixed traffic wait rather than being refused: with 8 volumes queued, a
+10-minute soak of 64 clients (benchmarks/serve_soak.py) had 1,168 of 2,056 volumes refused once /denoise served
+twice as fast, since its clients then came back for volumes twice as often. Their memory is bounded by
+MRI_SERVICE_BODY_BUFFER_MB, which counts queued bodies too, and their wait by BentoML's 120 s request timeout
+(504), which stops a request's work at its next forward pass."""
 VOLUME_BYTES_PER_VOXEL = 24
 """Peak memory of /denoise_volume per voxel (the upload's data as float32, windowed slices, the output, the file
 written back): 2.4 GB were measured for a 512^3 uint8 volume, 18 bytes per voxel, before the limits existed."""
@@ -258,6 +265,34 @@ pages = Starlette(
 # ------------------------------------------------------------------------------------------------ the service
 
 
+BULK_THREADS = ThreadPoolExecutor(8, thread_name_prefix="bulk")
+"""Where /denoise_image, /denoise_volume and /preview run (their lanes let 5 run at once): reading, decoding and
+their forward passes, which take the model gate as bulk work."""
+_work = threading.local()
+"""``cancelled``: the Event of the request the thread works for (see `_in_thread`)."""
+
+
+async def _in_thread(work: Callable[..., Any], *args: Any) -> Any:
+    """``work(*args)`` on a bulk thread. If its request is given up meanwhile (the client left, or BentoML's
+    ``traffic.timeout`` answered 504), the work stops at its next forward pass: before, its thread computed on for
+    up to MRI_SERVICE_WORK_S, and in benchmarks/serve_hostile.py two volumes answered 504 at 120 s went on taking
+    passes from /denoise after the burst (81 % of its throughput for the 20 s measured)."""
+    cancelled = threading.Event()
+
+    def run() -> Any:
+        _work.cancelled = cancelled
+        try:
+            return work(*args)
+        finally:
+            _work.cancelled = None
+
+    try:
+        return await asyncio.get_running_loop().run_in_executor(BULK_THREADS, run)
+    except asyncio.CancelledError:
+        cancelled.set()
+        raise
+
+
 def _bad_input(error: InputError) -> Response:
     return JSONResponse({"error": str(error)}, status_code=error.status)
 
@@ -270,7 +305,7 @@ def _data_url(png: bytes) -> str:
 @bentoml.service(
     name=BENTO_NAME,
     workers=1,
-    threads=8,  # sync APIs run in these threads (BentoML: 1 by default, so a volume blocked every slice batch)
+    # No sync APIs, so no BentoML threads: /denoise runs on its batcher's thread, the others on BULK_THREADS.
     # A backstop only: service.admission bounds each endpoint, after a request's body is in.
     traffic={"timeout": 120, "max_concurrency": 2048},
     metrics={"enabled": True},
@@ -342,7 +377,7 @@ class MRIDenoiser:
         return [np.round(image.astype(np.float64), 5) for image in await self.batcher(slices)]
 
     @bentoml.api
-    def denoise_image(
+    async def denoise_image(
         self,
         image: Path,
         size: Annotated[str, Field(pattern="^(original|model)$")] = "original",
@@ -350,6 +385,9 @@ class MRIDenoiser:
         """Denoise a PNG/JPEG (gray) and return a PNG at the original size. A native model denoises it at that
         size (tiled above MRI_SERVICE_TILE); a report model resizes it to its 64 x 64 and back, or, with
         ``size=model``, returns its 64 x 64 output (a native model has no other size: ``model`` is the original)."""
+        return await _in_thread(self._denoise_image, image, size)
+
+    def _denoise_image(self, image: Path, size: str) -> Response:
         try:
             pixels = imaging.read_image(image.read_bytes(), self.limits)
         except InputError as error:
@@ -363,9 +401,12 @@ class MRIDenoiser:
         return Response(imaging.encode_png(restored), media_type="image/png")
 
     @bentoml.api
-    def denoise_volume(self, volume: Path) -> Annotated[Path, ContentType("application/octet-stream")]:
+    async def denoise_volume(self, volume: Path) -> Annotated[Path, ContentType("application/octet-stream")]:
         """Denoise a NIfTI volume slice by slice along its third axis (every volume of a 4D file), each slice at
         its own in-plane size for a native model; geometry and header kept, data float32."""
+        return await _in_thread(self._denoise_volume, volume)
+
+    def _denoise_volume(self, volume: Path) -> Response:
         try:
             parsed = imaging.read_volume(volume.read_bytes(), self.limits)
             slices, window = imaging.volume_to_slices(parsed)
@@ -385,7 +426,7 @@ class MRIDenoiser:
         )
 
     @bentoml.api
-    def preview(
+    async def preview(
         self, file: Path, add_noise: bool = False, seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     ) -> dict[str, Any]:
         """For the page: original / noisy / denoised as PNG data URLs, and PSNR / SSIM against a clean reference.
@@ -395,6 +436,9 @@ class MRIDenoiser:
         taken as the clean reference and the model's own training noise is added. ``resolution`` says in words
         how the image was denoised.
         """
+        return await _in_thread(self._preview, file, add_noise, seed)
+
+    def _preview(self, file: Path, add_noise: bool, seed: int) -> dict[str, Any] | Response:
         content = file.read_bytes()
         try:
             upload = self._upload_slice(content)
@@ -442,7 +486,8 @@ class MRIDenoiser:
         """Denoise an image's or a volume's slices as bulk work: the batched slice API goes first between any two
         forward passes, and work past MRI_SERVICE_WORK_S stops (:class:`Cancelled`)."""
         try:
-            return self.denoiser(slices, bulk=True, deadline=time.monotonic() + SETTINGS.work_seconds)
+            deadline = time.monotonic() + SETTINGS.work_seconds
+            return self.denoiser(slices, bulk=True, deadline=deadline, cancelled=getattr(_work, "cancelled", None))
         finally:
             trim_memory()
 

@@ -113,3 +113,28 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_and_scores_as_fp3
     assert abs(psnr[0] - psnr[1]) < 0.05, psnr
     with pytest.raises(ValueError, match="precision must be one of"):
         Denoiser(native_checkpoint, precision="fp16")
+
+
+def test_bulk_work_stops_at_its_next_pass_once_its_request_is_given_up(native_checkpoint):
+    """A volume whose request timed out or whose client left stops within one forward pass, instead of computing
+    on until MRI_SERVICE_WORK_S and taking passes from the slice API meanwhile."""
+    from service.admission import Cancelled
+    from service.denoiser import Denoiser
+
+    denoiser = Denoiser(native_checkpoint, pass_pixels=256 * 256)  # 16 slices of 64 x 64 per pass
+    volume = np.full((160, 64, 64), 0.5, dtype=np.float32)  # 10 passes
+    passes: list[int] = []
+    forward = denoiser._pass
+
+    def counted(batch: np.ndarray) -> np.ndarray:
+        passes.append(len(batch))
+        if len(passes) == 2:
+            given_up.set()  # as service._in_thread does when BentoML cancels the request
+        return forward(batch)
+
+    denoiser._pass = counted
+    given_up = threading.Event()
+    with pytest.raises(Cancelled):
+        denoiser(volume, bulk=True, deadline=time.monotonic() + 60, cancelled=given_up)
+    assert passes == [16, 16]
+    assert denoiser(volume[:3], bulk=True).shape == (3, 64, 64)  # the gate was released

@@ -213,7 +213,6 @@ def num_parameters(model: nn.Module) -> int:
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def restore(model: nn.Module, noisy: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Denoise (N, 1, H, W) images in batches, in fp32 on the model's device; returns them on the CPU."""
     model.eval()

@@ -296,7 +296,8 @@ def run_level(
     args: argparse.Namespace,
     content_type: str = "application/json",
 ) -> Level:
-    """Warm up (unmeasured: the dispatcher trains its latency model on the first batches), then measure."""
+    """Warm up (unmeasured: first passes, connections, and in `bentoml` mode its dispatcher's latency model), then
+    measure."""
     drive(server.url, body, concurrency, args.warmup, 10**9, content_type)
     before, server_cpu, busy = batch_histogram(server.url), tree_cpu(server), busy_cpu()
     results, wall, client_cpu = drive(server.url, body, concurrency, args.seconds, args.requests, content_type)

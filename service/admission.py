@@ -10,8 +10,8 @@ Three parts, all testable without a server:
 - :class:`ModelGate`: one forward pass at a time in the process, and the batched slice API (``urgent``) goes
   before bulk work (volumes and big images, cut into bounded passes). A volume therefore delays a slice batch by
   at most one pass, instead of sharing the cores with it for as long as the volume takes.
-- :func:`arm_header_timeout`: uvicorn (h11) waits forever for a request's headers; this closes connections that
-  do not complete them within a deadline.
+- :func:`arm_header_timeout`: uvicorn waits forever for a request's headers; this closes connections that do not
+  complete them within a deadline.
 - :func:`release_request_timers`: BentoML's request timeout leaves a timer behind each request for its whole
   ``traffic.timeout``, and with it everything the request touched; this cancels it when the request is done.
 
@@ -338,17 +338,18 @@ def arm_header_timeout(seconds: float) -> None:
     """Close uvicorn connections that do not complete a request's headers within ``seconds`` of connecting or of
     their previous response.
 
-    uvicorn's h11 protocol (the one installed: no httptools) arms its keep-alive timer only after a response and
-    disarms it on any byte received, so a client that sends part of its headers and stops holds its connection
-    forever. This wraps two of its methods (uvicorn 0.54); connections mid-request are left to the body timeout.
+    uvicorn's HTTP protocols (httptools' and h11's alike) arm their keep-alive timer only after a response and
+    disarm it on any byte received, so a client that sends part of its headers and stops holds its connection
+    forever. This wraps three methods of the protocol uvicorn's ``http="auto"`` serves with (httptools' when it is
+    installed, as here; uvicorn 0.54); connections mid-request are left to the body timeout.
     """
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol as Protocol
 
-    if getattr(H11Protocol, "_mri_header_timeout", None) is not None:
-        H11Protocol._mri_header_timeout = seconds
+    if getattr(Protocol, "_mri_header_timeout", None) is not None:
+        Protocol._mri_header_timeout = seconds
         return
-    H11Protocol._mri_header_timeout = seconds
-    made, complete, lost = H11Protocol.connection_made, H11Protocol.on_response_complete, H11Protocol.connection_lost
+    Protocol._mri_header_timeout = seconds
+    made, complete, lost = Protocol.connection_made, Protocol.on_response_complete, Protocol.connection_lost
 
     def arm(protocol: Any) -> None:
         disarm(protocol)  # one timer per connection: a keep-alive connection re-arms it after every response
@@ -362,11 +363,11 @@ def arm_header_timeout(seconds: float) -> None:
                 logger.warning(
                     "closed a connection from %s: no complete request headers within %g s",
                     (protocol.client or ("?",))[0],
-                    H11Protocol._mri_header_timeout,
+                    Protocol._mri_header_timeout,
                 )
                 protocol.transport.close()
 
-        protocol._mri_timer = protocol.loop.call_later(H11Protocol._mri_header_timeout, expire)
+        protocol._mri_timer = protocol.loop.call_later(Protocol._mri_header_timeout, expire)
 
     def disarm(protocol: Any) -> None:
         timer = getattr(protocol, "_mri_timer", None)
@@ -386,9 +387,9 @@ def arm_header_timeout(seconds: float) -> None:
         disarm(self)
         lost(self, exc)
 
-    H11Protocol.connection_made = connection_made
-    H11Protocol.on_response_complete = on_response_complete
-    H11Protocol.connection_lost = connection_lost
+    Protocol.connection_made = connection_made
+    Protocol.on_response_complete = on_response_complete
+    Protocol.connection_lost = connection_lost
 
 
 def release_request_timers() -> None:

@@ -97,6 +97,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 BATCHINGS = ("on", "bentoml", "off")
+TRACINGS = ("bulk", "all")
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,11 @@ class Settings:
     work_seconds: int = 90
     """MRI_SERVICE_WORK_S: the longest one image or volume request may compute; the limits are set so that it takes
     at most half of this on an idle server, and work still running past it is stopped with 503."""
+    tracing: str = "bulk"
+    """MRI_SERVICE_TRACING: 'bulk' leaves /denoise out of BentoML's OpenTelemetry spans (its other APIs keep them):
+    a span per one-slice request cost a fifth of the event loop's time per request, and with no exporter configured,
+    BentoML's default, they go nowhere (AE1 .npy: 1.2-1.4x the req/s without them, benchmarks/serve_throughput.py).
+    'all' traces every API, for a server whose BentoML configuration exports spans."""
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     """MRI_SERVICE_BODY_BUFFER_MB, MRI_SERVICE_BODY_IDLE_S, MRI_SERVICE_BODY_TOTAL_S, MRI_SERVICE_HEADER_S."""
 
@@ -144,6 +150,9 @@ class Settings:
         if batching not in BATCHINGS:
             raise ValueError(f"MRI_SERVICE_BATCHING must be one of {', '.join(BATCHINGS)}, got {batching!r}")
         request_bytes = _env_int("MRI_SERVICE_MAX_REQUEST_MB", limits.max_request_bytes >> 20) << 20
+        tracing = os.environ.get("MRI_SERVICE_TRACING", defaults.tracing).strip().lower()
+        if tracing not in TRACINGS:
+            raise ValueError(f"MRI_SERVICE_TRACING must be one of {', '.join(TRACINGS)}, got {tracing!r}")
         return cls(
             model=os.environ.get(MODEL_ENV) or defaults.model,
             batching=batching,
@@ -161,6 +170,7 @@ class Settings:
             ),
             work_memory_mb=_env_int("MRI_SERVICE_WORK_MEMORY_MB", defaults.work_memory_mb),
             work_seconds=_env_int("MRI_SERVICE_WORK_S", defaults.work_seconds),
+            tracing=tracing,
             admission=AdmissionSettings(
                 max_request_bytes=request_bytes,
                 body_buffer_bytes=_env_int("MRI_SERVICE_BODY_BUFFER_MB", admission.body_buffer_bytes >> 20) << 20,
@@ -309,6 +319,8 @@ def _data_url(png: bytes) -> str:
     # A backstop only: service.admission bounds each endpoint, after a request's body is in.
     traffic={"timeout": 120, "max_concurrency": 2048},
     metrics={"enabled": True},
+    # matched as a regular expression against the URL: /denoise alone, not /denoise_image
+    **({"tracing": {"excluded_urls": ["/denoise$"]}} if SETTINGS.tracing == "bulk" else {}),
     logging={"access": {"enabled": False}},  # a log line per request costs more than AE1's forward pass
 )
 class MRIDenoiser:
@@ -346,6 +358,7 @@ class MRIDenoiser:
                 **described,
                 "threads": self.threads,
                 "batching": SETTINGS.batching,
+                "tracing": SETTINGS.tracing,
                 "max_batch_size": SETTINGS.max_batch_size,
                 "max_latency_ms": SETTINGS.max_latency_ms,
                 "preview_max_side": PREVIEW_MAX_SIDE,

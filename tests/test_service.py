@@ -291,6 +291,24 @@ def test_build_names_the_registry_version_and_info_describes_it(built_bento, ben
 
 
 @pytest.mark.slow
+def test_one_slice_requests_make_no_tracing_span_and_the_bulk_apis_keep_theirs(bento_server, held_out):
+    """MRI_SERVICE_TRACING=bulk (the default) leaves /denoise out of OpenTelemetry: BentoML names a request by its
+    span, in the X-BentoML-Request-ID header, so the header shows which requests made one."""
+
+    def request_id(path: str, body: bytes, content_type: str) -> str | None:
+        request = urllib.request.Request(bento_server.url + path, data=body, headers={"Content-Type": content_type})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200
+            return response.headers.get("X-BentoML-Request-ID")
+
+    slices = json.dumps({"slices": _noisy(held_out[:1]).tolist()}).encode()
+    assert request_id("/denoise", slices, "application/json") is None
+    assert request_id("/denoise_image", *_multipart(image=("s.png", _png(_noisy(held_out[:1])[0])))), "no span"
+    status, _, body = _request(bento_server.url, "/info")
+    assert status == 200 and json.loads(body)["serving"]["tracing"] == "bulk"
+
+
+@pytest.mark.slow
 def test_denoise_restores_real_mri_slices_in_order(bento_server, built_bento, held_out):
     clean = held_out[:12]
     noisy = _noisy(clean)

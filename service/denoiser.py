@@ -49,10 +49,15 @@ OVERLAP = 32
 """Default overlap of neighbouring tiles in pixels (MRI_SERVICE_TILE_OVERLAP): every kept pixel is at least 16 px
 from a cut edge. Tiled output then differs from whole-image output by 1e-3 on average (67 dB) for a small U-Net;
 64 px makes them identical for it, at (256 / 192)^2 = 1.8x the work of an untiled image instead of 1.3x."""
-PASS_PIXELS = 256 * 256
-"""Most pixels in one forward pass on a CPU: one tile of 256 x 256 or 16 slices of 64 x 64. Bigger passes are slower
-per pixel once the activations outgrow the caches: against passes of 4 x 256 x 256, 32 and 64 slices of 64 x 64 and
-a 512 x 512 image in tiles ran 1.4x / 2.2x / 1.75x faster (AE1, U-Net) and 1.1x (AE2) on 2 cores (AMD EPYC)."""
+PASS_ACTIVATIONS = 2**22
+"""Most values of the model's full-resolution feature maps (its width x the pixels) in one forward pass on a CPU:
+bigger passes are slower per pixel once the activations outgrow the caches (8 MB in bf16, a quarter of this
+machine's L3). So a pass holds 16 slices of 64 x 64 for a model 64 filters wide (AE1, DnCNN), 4 for AE2 (256), 32
+for a U-Net of 32, and never less than one tile (native models) or one slice (the report's models). Measured on 2
+cores (AMD EPYC, bf16), slices/s at 4 / 8 / 16 / 32 slices a pass: AE1 2144-2303 / 2216-2463 / 2145-2476 /
+1241-1729; AE2 246-256 / 180-250 / 164-194 / 156-179; U-Net (32) 670 / 724 / 760 / 763. Earlier, against passes of
+4 x 256 x 256: 32 and 64 slices of 64 x 64 and a 512 x 512 image in tiles ran 1.4x / 2.2x / 1.75x faster in passes
+of one tile (AE1, U-Net)."""
 PASS_PIXELS_CUDA = 16 * 256 * 256
 """Most pixels in one forward pass on a GPU, which runs bigger batches faster."""
 
@@ -107,18 +112,22 @@ class Denoiser:
             path = path / FILENAME
         self.model, self.meta = load_checkpoint(path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if pass_pixels is None:  # by default a pass holds at least one tile
-            pass_pixels = max(PASS_PIXELS_CUDA if self.device.type == "cuda" else PASS_PIXELS, tile * tile)
-        if pass_pixels < tile * tile:
-            raise ValueError(f"pass_pixels ({pass_pixels:,}) must hold at least one tile ({tile} x {tile})")
+        self.native = applies_natively(self.meta) if native is None else native
+        self.size = size or trained_size(self.meta)
+        """The side a report model is fed (resized to it and back); what a native model learned from."""
+        smallest = tile * tile if self.native else self.size * self.size  # a pass holds one tile, or one slice
+        if pass_pixels is None:
+            width = max(1, int(self.model.config.filters))
+            pass_pixels = PASS_PIXELS_CUDA if self.device.type == "cuda" else PASS_ACTIVATIONS // width
+            pass_pixels = max(pass_pixels, smallest)
+        if pass_pixels < smallest:
+            what = f"one tile ({tile} x {tile})" if self.native else f"one slice ({self.size} x {self.size})"
+            raise ValueError(f"pass_pixels ({pass_pixels:,}) must hold at least {what}")
         self.model = self.model.to(self.device, memory_format=torch.channels_last)
         if precision == "auto":
             precision = "bf16" if autocast_dtype("auto", self.device) == torch.bfloat16 else "fp32"
         self.precision = precision
         """What the forward passes run in: fp32 or bf16 ('auto' resolved)."""
-        self.native = applies_natively(self.meta) if native is None else native
-        self.size = size or trained_size(self.meta)
-        """The side a report model is fed (resized to it and back); what a native model learned from."""
         self.tile, self.overlap, self.pass_pixels = tile, overlap, pass_pixels
         self.gate = gate or ModelGate()
         """Taken around every forward pass: one at a time, urgent calls before bulk ones (see service.admission)."""

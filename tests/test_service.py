@@ -28,7 +28,7 @@ from mri_platform.models import ModelConfig, build_model
 from mri_platform.noise import NoiseConfig, fixed_noisy
 from service import imaging
 from service.batcher import BATCH_METRIC
-from service.denoiser import Denoiser, configure_threads, tile_spans
+from service.denoiser import PASS_ACTIVATIONS, Denoiser, configure_threads, tile_spans
 from service.imaging import InputError, Limits
 
 EXAMPLE_4D = resources.files("nibabel") / "tests/data/example4d.nii.gz"
@@ -140,6 +140,23 @@ def test_memory_is_bounded_by_the_tile_whatever_the_image_size(native_checkpoint
     assert len(denoiser.model.shapes) > 1
     assert all(h <= 128 and w <= 128 and n * h * w <= 2 * 128 * 128 for n, _, h, w in denoiser.model.shapes)
     assert "in tiles of 128 x 128" in denoiser.explain(600, 520)
+
+
+def test_a_forward_pass_holds_as_many_slices_as_the_models_width_lets_fit(tmp_path, native_checkpoint, held_out):
+    """A pass holds PASS_ACTIVATIONS values of the full-resolution feature maps: 16 slices of 64 x 64 for AE1, 4 for
+    AE2 (4x as wide), and at least one tile for a native model; a smaller pass than one slice is refused."""
+    passes = {}
+    for name in ("ae1", "ae2"):
+        path = save_checkpoint(tmp_path / f"{name}.pt", build_model(ModelConfig.named(name)), image_size=64)
+        denoiser = Denoiser(path)
+        denoiser.model = _Recording(denoiser.model)
+        assert denoiser(_noisy(held_out[:20])).shape == (20, 64, 64)
+        passes[name] = [n for n, *_ in denoiser.model.shapes]
+        with pytest.raises(ValueError, match="one slice"):
+            Denoiser(path, pass_pixels=63 * 64)
+    assert passes == {"ae1": [16, 4], "ae2": [4] * 5}
+    native = Denoiser(native_checkpoint, tile=128)
+    assert native.pass_pixels == max(128 * 128, PASS_ACTIVATIONS // native.model.config.filters)
 
 
 def test_mixed_sizes_are_denoised_each_at_its_own_size_in_order(native_checkpoint, held_out, t1_slice):

@@ -4,11 +4,12 @@ BentoML's adaptive dispatcher and against no batching, JSON vs .npy bodies.
 Each model is registered in a temporary sqlite MLflow registry, imported into a temporary BentoML store the way
 `mri-platform build` does it, and served (one server at a time) per --modes: MRI_SERVICE_BATCHING=on (the
 service's greedy batcher, service/batcher.py) with JSON bodies, `bentoml` (BentoML's CORK dispatcher) with JSON,
-`off` with JSON, and `on` with .npy bodies (application/x-npy, service/binary.py). A closed loop of 1, 8, 32 and
-64 clients (threads with keep-alive connections) posts one 64x64 slice per request to /denoise; each level warms up,
-then runs until --requests answers or --seconds, whichever comes first. The batch sizes that formed come from the
-server's Prometheus histograms (before/after each level). With no server running, the same `Denoiser` the service
-runs, at the same precision, is then timed in this process at those batch sizes: the ceiling.
+`off` with JSON, and `on` and `off` with .npy bodies (application/x-npy, service/binary.py; modes `npy` and
+`npy-off`). A closed loop of 1, 8, 32 and 64 clients (threads with keep-alive connections) posts one 64x64 slice
+per request to /denoise; each level warms up, then runs until --requests answers or --seconds, whichever comes
+first. The batch sizes that formed come from the server's Prometheus histograms (before/after each level). With no
+server running, the same `Denoiser` the service runs, at the same precision, is then timed in this process at those
+batch sizes: the ceiling.
 
 The load generator runs on the same cores as the server (2 on this machine kind): its CPU use is printed beside
 the server's so that a client-bound result is visible. Untrained weights: throughput does not depend on them.
@@ -395,6 +396,11 @@ def print_tables(levels: list[Level], servers: list[Server]) -> None:
             summary.append(f"served/ceiling at concurrency 64 (npy): {100 * top.rps / top.ceiling_ips:.0f} %")
             if (64, "on") in by:
                 summary.append(f".npy against JSON at concurrency 64: {top.rps / by[(64, 'on')].rps:.2f}x")
+        if (32, "npy") in by and (32, "npy-off") in by:
+            npy, off = by[(32, "npy")], by[(32, "npy-off")]
+            summary.append(
+                f"batching speed-up with .npy at concurrency 32: {npy.rps / off.rps:.2f}x, p99 {npy.p99_ms:.0f} ms"
+            )
         if (32, "npy") in by and (32, "off") in by:
             npy, off = by[(32, "npy")], by[(32, "off")]
             summary.append(
@@ -414,8 +420,8 @@ def measure_model(
     service's batcher with .npy bodies); then the in-process ceiling, with no server up."""
     levels, servers = [], []
     for mode in args.modes:
-        batching = "on" if mode == "npy" else mode
-        content_type = NPY if mode == "npy" else "application/json"
+        batching = {"npy": "on", "npy-off": "off"}.get(mode, mode)
+        content_type = NPY if mode.startswith("npy") else "application/json"
         body = bodies[content_type]
         with serve(tag, batching, folder / f"serve-{name}-{mode}", folder / "bentoml") as (server, ready):
             check_answer(server.url, body, content_type)
@@ -455,10 +461,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--modes",
-        default="on,bentoml,off,npy",
+        default="on,bentoml,off,npy,npy-off",
         type=lambda v: [m.strip() for m in v.split(",")],
         help="servers to measure: 'on' (the service's batcher, JSON), 'bentoml' (BentoML's dispatcher, JSON), 'off' "
-        "(no batching, JSON), 'npy' (the service's batcher, .npy bodies)",
+        "(no batching, JSON), 'npy' (the service's batcher, .npy bodies), 'npy-off' (no batching, .npy bodies)",
     )
     parser.add_argument("--json", type=Path, help="write every measurement here")
     args = parser.parse_args()

@@ -6,7 +6,8 @@ left-right flip: resampled real MRI, not new scans. Each cohort is written to a 
 disk for the in-memory path); the `prepared` path first slices it once with `mri-platform prepare` into Parquet on
 S3 (timed apart: "prepare s") and trains on those slices. Every cell is one `train` run of AE1 in its own driver
 process (2 workers x 1 CPU, the same steps per epoch, so every cell does the same training work): its driver's peak
-RSS, its images/s (mean of the epochs after the first) and its wall time. Run inside a loopback-only namespace:
+RSS, its images/s (mean of the epochs after the first) and its wall time. Each cell runs --repeats times, the
+paths taken in turn; the table shows the mean and each run. Run inside a loopback-only namespace:
 
     scripts/isolated .venv/bin/python benchmarks/data_scale.py --sizes 20,200
 """
@@ -89,7 +90,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="20,200", help="cohort sizes in volumes, smallest first")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=30, help="optimiser steps per epoch (global batch 32)")
+    parser.add_argument("--steps", type=int, default=100, help="optimiser steps per epoch (global batch 32)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each cell, taken in turn over the paths")
     parser.add_argument(
         "--paths",
         default="ray-data,memory,prepared",
@@ -117,39 +119,50 @@ def main() -> None:
             megabytes = sum(p.stat().st_size for p in paths) / 2**20
             print(f"cohort of {n} volumes: {megabytes:.0f} MB gzipped, made and uploaded in "
                   f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+            sources, prepare_s = {}, {}
             for loading in args.paths.split(","):
                 source = str(work / f"cohort{n}") if loading == "memory" else f"s3://{s3.extra['bucket']}/cohort{n}"
-                prepare_s = 0.0
+                prepare_s[loading] = 0.0
                 if loading == "prepared":
-                    source, prepare_s = prepare(source, f"s3://{s3.extra['bucket']}/prepared{n}", env)
-                settings = {"model": "ae1", "epochs": args.epochs, "steps_per_epoch": args.steps, "workers": 2,
-                            "data": source, "loading": "memory" if loading == "memory" else "ray-data",
-                            "registered_model": "", "tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
-                            "storage": str(work / "ckpt")}  # fmt: skip
-                result = run(settings, env)
-                rows.append({"volumes": n, "loading": loading, "prepare_s": prepare_s, **result})
-                print(rows[-1], flush=True)
+                    source, prepare_s[loading] = prepare(source, f"s3://{s3.extra['bucket']}/prepared{n}", env)
+                sources[loading] = source
+            for repeat in range(args.repeats):  # in turn, so that a slow spell of the machine lowers no one path
+                for loading, source in sources.items():
+                    settings = {"model": "ae1", "epochs": args.epochs, "steps_per_epoch": args.steps, "workers": 2,
+                                "data": source, "loading": "memory" if loading == "memory" else "ray-data",
+                                "registered_model": "", "tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+                                "storage": str(work / "ckpt")}  # fmt: skip
+                    result = run(settings, env)
+                    rows.append({"volumes": n, "loading": loading, "prepare_s": prepare_s[loading],
+                                 "repeat": repeat, **result})  # fmt: skip
+                    print(rows[-1], flush=True)
     finally:
         supervisor.stop(s3, timeout=3)
 
-    print(f"\n{'volumes':>7} {'path':>9} {'driver peak RSS MB':>18} {'img/s':>7} {'wall s':>7} {'prepare s':>9} "
-          f"{'PSNR dB':>8}")  # fmt: skip
+    cells: dict[tuple[int, str], list[dict]] = {}
     for r in rows:
+        cells.setdefault((r["volumes"], r["loading"]), []).append(r)
+    print(f"\n{'volumes':>7} {'path':>9} {'driver peak RSS MB':>18} {'img/s (each run)':>22} {'wall s':>7} "
+          f"{'prepare s':>9} {'PSNR dB':>8}")  # fmt: skip
+    mean = {key: float(np.mean([r["images_per_s"] for r in runs])) for key, runs in cells.items()}
+    for (n, loading), runs in cells.items():
+        each = " / ".join(f"{r['images_per_s']:.0f}" for r in runs)
         print(
-            f"{r['volumes']:7d} {r['loading']:>9} {r['rss_mb']:18.0f} {r['images_per_s']:7.0f} {r['wall_s']:7.0f} "
-            f"{r['prepare_s']:9.0f} {r['psnr']:8.2f}"
+            f"{n:7d} {loading:>9} {max(r['rss_mb'] for r in runs):18.0f} {f'{mean[n, loading]:.0f} ({each})':>22} "
+            f"{np.mean([r['wall_s'] for r in runs]):7.0f} {runs[0]['prepare_s']:9.0f} "
+            f"{np.mean([r['psnr'] for r in runs]):8.2f}"
         )
     for loading in args.paths.split(","):
-        cells = [r for r in rows if r["loading"] == loading]
-        if len(cells) >= 2:
-            print(f"{loading}: driver peak RSS x{cells[-1]['rss_mb'] / cells[0]['rss_mb']:.2f} for "
-                  f"{cells[-1]['volumes'] / cells[0]['volumes']:.0f}x the volumes")  # fmt: skip
+        peaks = [max(r["rss_mb"] for r in cells[n, loading]) for n in sizes if (n, loading) in cells]
+        if len(peaks) >= 2:
+            print(f"{loading}: driver peak RSS x{peaks[-1] / peaks[0]:.2f} for {sizes[-1] / sizes[0]:.0f}x the volumes")
     for n in sizes:
-        by = {r["loading"]: r for r in rows if r["volumes"] == n}
         for loading in ("ray-data", "prepared"):
-            if {loading, "memory"} <= by.keys():
-                ratio = by[loading]["images_per_s"] / by["memory"]["images_per_s"]
-                print(f"{n} volumes: {loading} / in-memory training img/s = {ratio:.0%}")
+            if (n, loading) in mean and (n, "memory") in mean:
+                pairs = zip(cells[n, loading], cells[n, "memory"], strict=False)
+                each = " / ".join(f"{a['images_per_s'] / b['images_per_s']:.0%}" for a, b in pairs)
+                print(f"{n} volumes: {loading} / in-memory training img/s = {mean[n, loading] / mean[n, 'memory']:.0%} "
+                      f"(each run: {each})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -287,11 +287,7 @@ class Admission:
         )
 
     async def _refuse(self, scope: dict, send: Callable, status: int, message: str, retry: int | None = None) -> None:
-        self.refused[status] = self.refused.get(status, 0) + 1
-        client = scope.get("client") or ("?", 0)
-        logger.warning(
-            "refused %s %s from %s with %d: %s", scope.get("method"), scope.get("path"), client[0], status, message
-        )
+        self.refused[status] = self.refused.get(status, 0) + 1  # the log line is service.errors.Refusals'
         start, body = _json_response(status, message, retry)
         await send(start)
         await send(body)

@@ -191,7 +191,9 @@ class Refusals:
 
         await self.app(scope, receive, watched_send)
         if _refused(status):
-            logger.warning("%s %s %d: %s", scope.get("method"), scope.get("path"), status, self._reason(bytes(body)))
+            client = (scope.get("client") or ("?", 0))[0]
+            reason = self._reason(bytes(body))
+            logger.warning("%s %s from %s %d: %s", scope.get("method"), scope.get("path"), client, status, reason)
 
     def _reason(self, body: bytes) -> str:
         try:

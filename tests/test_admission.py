@@ -4,6 +4,7 @@ under slow sockets, a volume beside slice traffic, and a volume over the work ce
 import asyncio
 import gzip
 import json
+import logging
 import socket
 import threading
 import time
@@ -15,6 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from service.admission import Admission, AdmissionSettings, Cancelled, LaneLimit, ModelGate, release_request_timers
+from service.errors import Refusals
 
 # ------------------------------------------------------------------------------------------------ the gate
 
@@ -188,12 +190,14 @@ def test_a_stalled_body_gets_408_and_never_reaches_the_api():
     assert status == 408 and "not received in time" in body["error"] and inner.seen == []
 
 
-def test_a_body_over_the_limit_gets_413_before_it_is_read():
-    app = Admission(_App(), AdmissionSettings(max_request_bytes=100), {})
+def test_a_body_over_the_limit_gets_413_before_it_is_read_and_one_log_line(caplog):
+    app = Refusals(Admission(_App(), AdmissionSettings(max_request_bytes=100), {}))  # as the service stacks them
     run, sent = _request(app, "/denoise", [b"x" * 50], length=10_000)
-    asyncio.run(run())
+    with caplog.at_level(logging.INFO):
+        asyncio.run(run())
     status, body, _ = _answer(sent)
     assert status == 413 and "10,000 bytes" in body["error"]
+    assert [r.getMessage() for r in caplog.records] == [f"POST /denoise from 127.0.0.1 413: {body['error']}"]
 
 
 def test_a_full_lane_answers_503_with_retry_after_and_admits_again_once_free():

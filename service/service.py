@@ -136,9 +136,10 @@ class Settings:
     at most half of this on an idle server, and work still running past it is stopped with 503."""
     tracing: str = "bulk"
     """MRI_SERVICE_TRACING: 'bulk' leaves /denoise out of BentoML's OpenTelemetry spans (its other APIs keep them):
-    a span per one-slice request cost a fifth of the event loop's time per request, and with no exporter configured,
-    BentoML's default, they go nowhere (AE1 .npy: 1.2-1.4x the req/s without them, benchmarks/serve_throughput.py).
-    'all' traces every API, for a server whose BentoML configuration exports spans."""
+    a span per one-slice request took a fifth of the event loop's samples (py-spy), and with no exporter configured,
+    BentoML's default, they go nowhere (with httptools and uvloop, AE1 .npy at 64 clients served 1.12-1.27x the
+    req/s of before, 4 pairs of servers in turn). 'all' traces every API, for a server whose BentoML configuration
+    exports spans."""
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     """MRI_SERVICE_BODY_BUFFER_MB, MRI_SERVICE_BODY_IDLE_S, MRI_SERVICE_BODY_TOTAL_S, MRI_SERVICE_HEADER_S."""
 

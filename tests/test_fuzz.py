@@ -190,7 +190,8 @@ def test_a_refused_request_logs_one_line_without_a_traceback(bento_server):
         and time.monotonic() < deadline
     ):
         time.sleep(0.2)
-    lines = [line for line in text.splitlines() if "POST /denoise 400" in line and "got a string" in line]
+    refused = "POST /denoise from 127.0.0.1 400"
+    lines = [line for line in text.splitlines() if refused in line and "got a string" in line]
     assert lines, text[-2000:]
-    after = text[text.index("POST /preview 400: file: Field required") :]
+    after = text[text.index("POST /preview from 127.0.0.1 400: file: Field required") :]
     assert "Traceback" not in after and "ValidationError" not in after, after[:3000]

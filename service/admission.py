@@ -183,6 +183,13 @@ def _json_response(status: int, message: str, retry_after: int | None = None) ->
     }
 
 
+async def _refuse(send: Callable, status: int, message: str, retry: int | None = None) -> None:
+    """Answer with ``status`` and the JSON error ``message``; service.errors.Refusals, outside, logs it once."""
+    start, body = _json_response(status, message, retry)
+    await send(start)
+    await send(body)
+
+
 class Admission:
     """ASGI middleware: body limits and timeouts, then the endpoint's lane (see the module's docstring).
 
@@ -194,7 +201,6 @@ class Admission:
         self.app, self.settings = app, settings
         self.lanes = {path: Lane(limit) for path, limit in lanes.items()}
         self.buffered = 0
-        self.refused: dict[int, int] = {}
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST":
@@ -204,10 +210,10 @@ class Admission:
         length_header = dict(scope.get("headers") or []).get(b"content-length")
         declared = int(length_header) if length_header is not None and length_header.isdigit() else None
         if declared is not None and declared > limit:
-            return await self._refuse(scope, send, 413, self._too_big(declared))
+            return await _refuse(send, 413, self._too_big(declared))
         held = [declared or 0]  # bytes of this request's body counted in self.buffered until it is answered
         if self.buffered + held[0] > self.settings.body_buffer_bytes:
-            return await self._refuse(scope, send, 503, BODIES_BUSY, 2)
+            return await _refuse(send, 503, BODIES_BUSY, 2)
         self.buffered += held[0]
         try:
             await self._admit(scope, receive, send, path, held)
@@ -220,12 +226,11 @@ class Admission:
             status, message = problem
             if status == 0:
                 return None  # the client went away: nobody to answer
-            return await self._refuse(scope, send, status, message, 2 if status == 503 else None)
+            return await _refuse(send, status, message, 2 if status == 503 else None)
 
         lane = self.lanes.get(path)
         if lane is not None and not await lane.enter():
-            return await self._refuse(
-                scope,
+            return await _refuse(
                 send,
                 503,
                 f"{path} is busy: {lane.limit.running} request(s) in progress and {lane.limit.waiting} queued, the "
@@ -286,12 +291,6 @@ class Admission:
             "send fewer slices per request or a smaller file (limit: MRI_SERVICE_MAX_REQUEST_MB)"
         )
 
-    async def _refuse(self, scope: dict, send: Callable, status: int, message: str, retry: int | None = None) -> None:
-        self.refused[status] = self.refused.get(status, 0) + 1  # the log line is service.errors.Refusals'
-        start, body = _json_response(status, message, retry)
-        await send(start)
-        await send(body)
-
 
 # ------------------------------------------------------------------------------------------------- memory
 
@@ -349,11 +348,9 @@ def arm_header_timeout(seconds: float) -> None:
 
     def arm(protocol: Any) -> None:
         disarm(protocol)  # one timer per connection: a keep-alive connection re-arms it after every response
-        protocol._mri_cycles = getattr(protocol, "_mri_cycles", 0) + 1
-        cycle = protocol._mri_cycles
 
         def expire() -> None:
-            if protocol._mri_cycles != cycle or protocol.transport.is_closing():
+            if protocol.transport.is_closing():
                 return
             if protocol.cycle is None or protocol.cycle.response_complete:
                 logger.warning(

@@ -63,7 +63,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from service import errors, imaging
+from service import binary, errors, imaging
 from service.admission import (
     Admission,
     AdmissionSettings,
@@ -543,7 +543,17 @@ class MRIDenoiser:
         )
 
 
+def _direct_batcher() -> GreedyBatcher | None:
+    """The batch queue that .npy /denoise requests go to past BentoML's router (service.binary.Direct): the service's
+    own, unless BentoML's dispatcher batches, or every request is traced (BentoML's endpoint wrapper answers with the
+    trace's request id)."""
+    if _instance is None or SETTINGS.batching == "bentoml" or SETTINGS.tracing == "all":
+        return None
+    return _instance.batcher
+
+
 errors.install(binary={"denoise": _valid_slices})  # refusals without a traceback; /denoise takes .npy too
 MRIDenoiser.add_asgi_middleware(errors.Refusals)  # first, so outermost: it logs admission's 408/413/503 too
 MRIDenoiser.add_asgi_middleware(Admission, settings=SETTINGS.admission, lanes=LANES)
+MRIDenoiser.add_asgi_middleware(binary.Direct, path="/denoise", batcher=_direct_batcher, validate=_valid_slices)
 MRIDenoiser.add_asgi_middleware(OpenAPIErrors, batched=["denoise"])  # its batch queue answers 503 past the budget

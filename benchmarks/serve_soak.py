@@ -2,7 +2,8 @@
 
 --concurrency closed-loop clients (default 64) each pick the next request from a fixed mix, for --minutes (default
 10), bounded in requests too:
-- /denoise with one 64 x 64 slice (most requests), and with four 128 x 128 slices;
+- /denoise with one 64 x 64 slice (most requests; as JSON and as .npy, whose requests the service answers before
+  BentoML's router: service.binary.Direct), and with four 128 x 128 slices;
 - /denoise_image with dipy's real T1 coronal slice as PNG (256 x 256);
 - /preview of that PNG with the model's noise added;
 - /denoise_volume with nibabel's real example4d EPI volume (128 x 96 x 24 x 2, gzip).
@@ -34,7 +35,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_throughput import TIMEOUT_S, busy_cpu, post, served_model, tree_memory  # noqa: E402
 
-MIX = (("denoise_1", 80), ("denoise_4", 8), ("image", 6), ("preview", 4), ("volume", 2))
+MIX = (("denoise_1", 50), ("denoise_1_npy", 30), ("denoise_4", 8), ("image", 6), ("preview", 4), ("volume", 2))
 """Request kinds and their weights (per 100 requests)."""
 
 
@@ -70,8 +71,11 @@ def requests_of_the_mix() -> dict[str, tuple[str, bytes, str]]:
     volume_body, volume_type = _multipart("volume", "example4d.nii.gz", volume)
     one = json.dumps({"slices": np.round(rng.random((1, 64, 64)), 4).tolist()}).encode()
     four = json.dumps({"slices": np.round(rng.random((4, 128, 128)), 4).tolist()}).encode()
+    one_npy = io.BytesIO()
+    np.save(one_npy, rng.random((1, 64, 64), dtype=np.float32))
     return {
         "denoise_1": ("/denoise", one, "application/json"),
+        "denoise_1_npy": ("/denoise", one_npy.getvalue(), "application/x-npy"),
         "denoise_4": ("/denoise", four, "application/json"),
         "image": ("/denoise_image", image_body, image_type),
         "preview": ("/preview", preview_body, preview_type),

@@ -21,20 +21,19 @@ than refusing what is not 64 x 64: it is what /denoise_image does for the same m
 resize as the training data was (Lanczos, clipped); sending 64 x 64 slices skips the resizing.
 
 **Batching.** /denoise's requests go through :class:`service.batcher.GreedyBatcher`: whenever the model is free, one
-forward call takes every waiting request, whatever their sizes; the call groups its slices by size and runs each
-group as one forward pass (:meth:`Denoiser.denoise_list`), so same-size requests batch exactly, and hands each
-request its own slices back. A ``.npy`` request reaches the same batcher before BentoML's router
-(:class:`service.binary.Direct`). The batcher replaced BentoML's adaptive dispatcher (still there with
-MRI_SERVICE_BATCHING=bentoml, to compare: ``benchmarks/serve_throughput.py``), which holds requests back to fill
-the batch its latency model predicts, and whose latency model a burst once taught to refuse every request for
-minutes. /denoise takes a *list* of (H, W) slices (its JSON is the same as an (N, H, W) array's) because BentoML's
-dispatcher merges a list whatever its elements, and an ndarray with ``np.concatenate``, which fails a whole batch as soon as two sizes meet.
-Measured before the change: validating, merging, splitting and writing the JSON of 16 one-slice 64 x 64 requests cost
-0.46 ms of CPU per request with the list as with the ndarray. Cutting every request into fixed-size tiles instead
-would pad a 64 x 64 slice to a whole tile (16 slices padded to tiles of 128: 68 against 12 ms for a U-Net of 8
-filters, 1 thread). A batch's cost grows with its pixels, not its slice count, so a few huge slices in a busy
-batch can push queued requests past ``max_latency_ms`` (503, worth retrying); /denoise_image and /denoise_volume
-suit big images better.
+forward call takes every waiting request, whatever their sizes; the call groups its slices by size and runs each group
+as one forward pass (:meth:`Denoiser.denoise_list`), so same-size requests batch exactly, and hands each request its own
+slices back. A ``.npy`` request reaches the same batcher before BentoML's router (:class:`service.binary.Direct`). The
+batcher replaced BentoML's adaptive dispatcher (still there with MRI_SERVICE_BATCHING=bentoml, to compare:
+``benchmarks/serve_throughput.py``), which holds requests back to fill the batch its latency model predicts, and whose
+latency model a burst once taught to refuse every request for minutes. /denoise takes a *list* of (H, W) slices (its
+JSON is the same as an (N, H, W) array's) because BentoML's dispatcher merges a list whatever its elements, and an
+ndarray with ``np.concatenate``, which fails a whole batch as soon as two sizes meet. Measured before the change:
+validating, merging, splitting and writing the JSON of 16 one-slice 64 x 64 requests cost 0.46 ms of CPU per request
+with the list as with the ndarray. Cutting every request into fixed-size tiles instead would pad a 64 x 64 slice to a
+whole tile (16 slices padded to tiles of 128: 68 against 12 ms for a U-Net of 8 filters, 1 thread). A batch's cost grows
+with its pixels, not its slice count, so a few huge slices in a busy batch can push queued requests past
+``max_latency_ms`` (503, worth retrying); /denoise_image and /denoise_volume suit big images better.
 
 Settings come from the environment, read when the service is imported (``MRI_SERVICE_*``, see ``Settings``).
 """

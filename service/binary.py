@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from service.errors import refusal
 from service.imaging import InputError
 
 NPY = "application/x-npy"
@@ -118,8 +119,6 @@ class Direct:
         run = self.batcher() if scope["type"] == "http" and scope.get("path") == self.path else None
         if run is None or scope.get("method") != "POST" or not is_npy(scope):
             return await self.app(scope, receive, send)
-        from service.errors import refusal
-
         try:
             chunks, more = [], True
             while more:

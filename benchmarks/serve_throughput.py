@@ -9,7 +9,8 @@ service's greedy batcher, service/batcher.py) with JSON bodies, `bentoml` (Bento
 per request to /denoise; each level warms up, then runs until --requests answers or --seconds, whichever comes
 first. The batch sizes that formed come from the server's Prometheus histograms (before/after each level). With no
 server running, the same `Denoiser` the service runs, at the same precision, is then timed in this process at those
-batch sizes: the ceiling.
+batch sizes, one pass at a time on every core and a pass per core at once (the service's default): the better of
+the two is the ceiling.
 
 The load generator runs on the same cores as the server (2 on this machine kind): its CPU use is printed beside
 the server's so that a client-bound result is visible. Untrained weights: throughput does not depend on them.
@@ -33,6 +34,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -334,29 +336,56 @@ def run_level(
 ROUNDS = 5
 
 
-def in_process(checkpoint: Path, batch_sizes: list[int], seconds: float) -> dict[int, float]:
-    """Slices/s of the service's own `Denoiser` at each batch size, in this process with no server running.
+def in_process(
+    checkpoint: Path, batch_sizes: list[int], seconds: float
+) -> tuple[dict[int, float], dict[int, dict[int, float]]]:
+    """Slices/s of the service's own `Denoiser` at each batch size, in this process with no server running, with the
+    service's malloc settings: the best of two ways to use the cores, and each way's figures (by passes at once).
+
+    - one pass at a time on every core's threads (MRI_SERVICE_PASSES=1), one caller;
+    - the service's default, a pass per core of one thread each (`default_passes`), fed by as many callers at once
+      (its batcher runs that many calls at once).
 
     The best of several short rounds, taken in turn over the batch sizes, so that a burst of other work on the
     machine lowers one round rather than one batch size's figure.
     """
-    from service.denoiser import Denoiser, configure_threads
+    from service.admission import return_freed_memory
+    from service.denoiser import Denoiser, configure_threads, default_passes
 
-    configure_threads()  # as the service does: every core for one forward pass
-    denoiser = Denoiser(checkpoint, precision=PRECISION)
+    return_freed_memory()
     rng = np.random.default_rng(0)
     batches = {size: rng.random((size, 64, 64), dtype=np.float32) for size in batch_sizes}
-    for batch in batches.values():
-        denoiser(batch)
-    speeds = dict.fromkeys(batch_sizes, 0.0)
-    for _ in range(ROUNDS):
-        for size, batch in batches.items():
-            done, started = 0, time.perf_counter()
-            while done < 2 or time.perf_counter() - started < seconds / ROUNDS:
-                denoiser(batch)
-                done += 1
-            speeds[size] = max(speeds[size], size * done / (time.perf_counter() - started))
-    return speeds
+    by_passes: dict[int, dict[int, float]] = {}
+    for passes in sorted({1, default_passes("cpu")}):
+        configure_threads(passes=passes)  # the callers below are new threads: they take this count
+        denoiser = Denoiser(checkpoint, precision=PRECISION, passes=passes)
+        speeds = by_passes[passes] = dict.fromkeys(batch_sizes, 0.0)
+        for batch in batches.values():
+            denoiser(batch)
+        for _ in range(ROUNDS):
+            for size, batch in batches.items():
+                done, started = _callers(denoiser, batch, passes, seconds / ROUNDS)
+                speeds[size] = max(speeds[size], size * done / (time.perf_counter() - started))
+    configure_threads()
+    best = {size: max(speeds[size] for speeds in by_passes.values()) for size in batch_sizes}
+    return best, by_passes
+
+
+def _callers(denoiser: Any, batch: np.ndarray, callers: int, seconds: float) -> tuple[int, float]:
+    """(calls done, start time) of `callers` threads calling ``denoiser(batch)`` for `seconds` (at least 2 each)."""
+    counts, started = [0] * callers, time.perf_counter()
+
+    def call(index: int) -> None:
+        while counts[index] < 2 or time.perf_counter() - started < seconds:
+            denoiser(batch)
+            counts[index] += 1
+
+    threads = [threading.Thread(target=call, args=(index,)) for index in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts), started
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -447,11 +476,12 @@ def measure_model(
         level.ceiling_batch = max(1, round(level.mean_batch)) if level.mean_batch is not None else 1
     sizes = sorted({1, 8, 32, 64, *(level.ceiling_batch for level in levels)})
     busy, own, started = busy_cpu(), time.process_time(), time.perf_counter()
-    speeds = in_process(checkpoint, sizes, args.ceiling_seconds)
+    speeds, by_passes = in_process(checkpoint, sizes, args.ceiling_seconds)
     wall = time.perf_counter() - started
     other = max(0.0, busy_cpu() - busy - (time.process_time() - own)) / wall
-    speeds_text = ", ".join(f"b={b}: {v:.0f}" for b, v in speeds.items())
-    print(f"{name} in-process img/s: {speeds_text} (other CPU {other:.2f})", flush=True)
+    for passes, each in by_passes.items():
+        speeds_text = ", ".join(f"b={b}: {v:.0f}" for b, v in each.items())
+        print(f"{name} in-process img/s, {passes} pass(es) at once: {speeds_text} (other CPU {other:.2f})", flush=True)
     best = max(speeds, key=speeds.__getitem__)
     for level in levels:
         level.ceiling_ips = speeds[level.ceiling_batch]
@@ -507,8 +537,9 @@ def main() -> None:
             "levels (column 'other CPU'): the figures are lower and noisier than on a quiet machine."
         )
     print(
-        f"\nmachine: {psutil.cpu_count()} cores ({cpu_model()}), torch {torch_threads()} threads for a forward pass "
-        f"(in the server and in-process), precision {PRECISION}; the load generator shares those cores with the "
+        f"\nmachine: {psutil.cpu_count()} cores ({cpu_model()}); the servers ran {passes_line()}; the ceiling is "
+        f"the better of that and one pass at a time on every core; precision {PRECISION}; the load generator shares "
+        "those cores with the "
         "server (client / server / other CPU in cores). One slice per request; mean batch = requests merged per "
         f"forward pass (the servers' batch size histograms). Whole run: {time.perf_counter() - began:.0f} s."
     )
@@ -532,10 +563,12 @@ def cpu_model() -> str:
     return f"{torch.backends.cpu.get_cpu_capability()}, {'native' if native else 'no native'} bf16"
 
 
-def torch_threads() -> int:
-    import torch
+def passes_line() -> str:
+    """How the servers used the cores: forward passes at once, threads each (MRI_SERVICE_PASSES unless 0)."""
+    from service.denoiser import default_passes, usable_cores
 
-    return torch.get_num_threads()
+    passes = int(os.environ.get("MRI_SERVICE_PASSES") or 0) or default_passes("cpu")
+    return f"{passes} forward pass(es) at once of {max(1, usable_cores() // passes)} thread(s) each"
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ Three parts, all testable without a server:
   an API's queue, bounds the bytes of request bodies held at once, until they are answered (503), and then admits
   the request to its endpoint's :class:`Lane` (at most ``running`` at a time and ``waiting`` queued, 503 with
   ``Retry-After`` beyond).
-- :class:`ModelGate`: one forward pass at a time in the process, and the batched slice API (``urgent``) goes
-  before bulk work (volumes and big images, cut into bounded passes). A volume therefore delays a slice batch by
-  at most one pass, instead of sharing the cores with it for as long as the volume takes.
+- :class:`ModelGate`: at most ``passes`` forward passes at a time in the process (one per core on a CPU, each on
+  its own core's thread), and the batched slice API (``urgent``) goes before bulk work (volumes and big images, cut
+  into bounded passes). A volume therefore delays a slice batch by at most one pass, instead of sharing the cores
+  with it for as long as the volume takes.
 - :func:`arm_header_timeout`: uvicorn waits forever for a request's headers; this closes connections that do not
   complete them within a deadline.
 - :func:`release_request_timers`: BentoML's request timeout leaves a timer behind each request for its whole
@@ -41,23 +42,29 @@ class Cancelled(Exception):
 
 
 class ModelGate:
-    """One forward pass at a time; urgent passes go first, but never more than ``urgent_streak`` in a row while a
-    bulk pass waits.
+    """At most ``passes`` forward passes at a time; urgent passes go first, but never more than ``urgent_streak`` in
+    a row while a bulk pass waits.
 
-    Python threads (BentoML's batch runner and the thread pool of the non-batched APIs) each take the gate around
-    one forward pass. A pass is bounded (``Denoiser.pass_pixels``), so an urgent pass waits for at most one bulk
-    pass. Without the gate, a volume's passes and the slice batches ran at the same time on the same cores, each
-    with every core's worth of torch threads: the slices' latency grew with the volume's length. Without the streak
+    Python threads (the slice batcher's and the bulk passes of the other APIs) each take the gate around one
+    forward pass. A pass is bounded (``Denoiser.pass_pixels``), so an urgent pass waits for at most one bulk pass.
+    Without the gate, a volume's passes and the slice batches ran at the same time on the same cores, each with
+    every core's worth of torch threads: the slices' latency grew with the volume's length. Without the streak
     limit, steady slice traffic starved every image and volume (an image took 23 s under 64 slice clients).
+
+    ``passes`` > 1 is for passes of one thread each, one per core (``service.denoiser.configure_threads``): one pass
+    whose threads span every core waits, at every layer, for the slowest of them, and a core that the HTTP side
+    takes for a moment stalls the whole pass.
     """
 
-    def __init__(self, urgent_streak: int = 2) -> None:
+    def __init__(self, urgent_streak: int = 2, passes: int = 1) -> None:
+        if passes < 1:
+            raise ValueError(f"passes must be at least 1, got {passes}")
         self._condition = threading.Condition()
-        self._busy = False
+        self._running = 0
         self._urgent_waiting = 0
         self._bulk_waiting = 0
         self._streak = 0  # urgent passes granted in a row while bulk work waited
-        self.urgent_streak = urgent_streak
+        self.urgent_streak, self.passes = urgent_streak, passes
 
     def _bulk_due(self) -> bool:
         return self._bulk_waiting > 0 and self._streak >= self.urgent_streak
@@ -67,10 +74,10 @@ class ModelGate:
         with self._condition:
             self._urgent_waiting += 1
             try:
-                self._condition.wait_for(lambda: not self._busy and not self._bulk_due())
+                self._condition.wait_for(lambda: self._running < self.passes and not self._bulk_due())
             finally:
                 self._urgent_waiting -= 1
-            self._busy = True
+            self._running += 1
             self._streak = self._streak + 1 if self._bulk_waiting else 0
         try:
             yield
@@ -83,14 +90,14 @@ class ModelGate:
         with self._condition:
             self._bulk_waiting += 1
             try:
-                while self._busy or (self._urgent_waiting and self._streak < self.urgent_streak):
+                while self._running >= self.passes or (self._urgent_waiting and self._streak < self.urgent_streak):
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         raise Cancelled
                     self._condition.wait(timeout=left)
             finally:
                 self._bulk_waiting -= 1
-            self._busy = True
+            self._running += 1
             self._streak = 0
         try:
             yield
@@ -99,7 +106,7 @@ class ModelGate:
 
     def _release(self) -> None:
         with self._condition:
-            self._busy = False
+            self._running -= 1
             self._condition.notify_all()
 
 

@@ -8,6 +8,9 @@ earlier batch runs: the first request after an idle spell runs alone at once, an
 joins the next batch, up to ``max_batch_size`` slices (a request of more runs alone). No latency model to learn, so
 nothing a burst can teach it that makes it refuse work once the burst is over.
 
+With ``concurrency`` > 1, up to that many forward calls run at once (one per core, see :mod:`service.denoiser`): a
+request that comes while all of them run waits for the first to end.
+
 A request that has waited past ``max_latency_s`` when its batch would start is refused (503, worth retrying) rather
 than run for a client that has likely given up; a request whose client went away is dropped from its batch.
 """
@@ -50,7 +53,8 @@ class _Job:
 
 
 class GreedyBatcher:
-    """Runs ``infer`` (slices -> slices, in order) on one thread of its own, over every waiting request's slices."""
+    """Runs ``infer`` (slices -> slices, in order) over every waiting request's slices, on ``concurrency`` threads
+    of its own."""
 
     def __init__(
         self,
@@ -59,18 +63,22 @@ class GreedyBatcher:
         max_batch_size: int,
         max_latency_s: float,
         observe: Callable[[float], None] | None = None,
+        concurrency: int = 1,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         self.infer, self.max_batch_size, self.max_latency_s = infer, max_batch_size, max_latency_s
         self.observe = observe or (lambda _: None)
+        self.concurrency = concurrency
         self._queue: deque[_Job] = deque()
-        self._running = False
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="denoise-batch")
+        self._draining = 0  # forward calls under way or starting
+        self._threads = ThreadPoolExecutor(concurrency, thread_name_prefix="denoise-batch")
 
     async def __call__(self, slices: list[np.ndarray]) -> list[np.ndarray]:
         job = _Job(list(slices), asyncio.get_running_loop().create_future())
         self._queue.append(job)
-        if not self._running:
-            self._running = True
+        if self._draining < self.concurrency:
+            self._draining += 1
             asyncio.get_running_loop().create_task(self._drain())
         return await job.future
 
@@ -98,7 +106,7 @@ class GreedyBatcher:
                 merged = [image for job in batch for image in job.slices]
                 self.observe(len(batch))
                 try:
-                    restored = await loop.run_in_executor(self._thread, self.infer, merged)
+                    restored = await loop.run_in_executor(self._threads, self.infer, merged)
                 except Exception as exc:  # every request of the batch gets the error, the batcher goes on
                     for job in batch:
                         if not job.future.done():
@@ -110,4 +118,4 @@ class GreedyBatcher:
                     if not job.future.done():
                         job.future.set_result(part)
         finally:
-            self._running = False
+            self._draining -= 1

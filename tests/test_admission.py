@@ -117,6 +117,35 @@ def test_steady_urgent_work_lets_a_waiting_bulk_pass_in_every_third_pass():
     assert order == ["urgent", "urgent", "bulk", "urgent"]
 
 
+def test_a_gate_of_two_passes_lets_two_run_and_still_puts_urgent_passes_first():
+    gate, order, release, inside = ModelGate(passes=2), [], threading.Event(), threading.Semaphore(0)
+
+    def hold() -> None:
+        with gate.bulk():
+            inside.release()
+            release.wait(10)
+
+    def run(kind: str) -> None:
+        with gate.urgent() if kind == "urgent" else gate.bulk():
+            order.append(kind)
+
+    holders = [threading.Thread(target=hold) for _ in range(2)]
+    for thread in holders:
+        thread.start()
+    assert inside.acquire(timeout=10) and inside.acquire(timeout=10)  # two passes at once
+    bulk = threading.Thread(target=run, args=("bulk",))
+    bulk.start()
+    time.sleep(0.2)
+    urgent = threading.Thread(target=run, args=("urgent",))
+    urgent.start()
+    time.sleep(0.2)
+    assert order == []  # a third pass waits for one of the two
+    release.set()
+    for thread in (*holders, bulk, urgent):
+        thread.join(10)
+    assert order == ["urgent", "bulk"]
+
+
 def test_freed_pass_arrays_are_reused_from_the_heap_and_a_volumes_arrays_given_back():
     """The service's malloc settings (`return_freed_memory`), in a process of their own: a 16 MiB array (a forward
     pass's largest) freed and allocated again comes from the heap with no page fault, where the earlier setting

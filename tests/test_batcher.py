@@ -60,6 +60,29 @@ def test_waiting_requests_share_a_forward_call_and_each_gets_its_own_slices():
     assert model.batches[-3:] == [1, 1, 1]
 
 
+def test_with_a_concurrency_of_two_two_forward_calls_run_at_once():
+    """Two requests, the second while the first's call runs: with concurrency=2 it starts a second call at once
+    rather than wait (each call waits at a barrier that only a second call running meanwhile lets through)."""
+    barrier, threads = threading.Barrier(2, timeout=5), set()
+
+    def model(slices: list[np.ndarray]) -> list[np.ndarray]:
+        threads.add(threading.current_thread().name)
+        barrier.wait()
+        return [image + 1 for image in slices]
+
+    batcher = GreedyBatcher(model, max_batch_size=8, max_latency_s=10, concurrency=2)
+    requests = _requests(2)
+
+    async def main() -> list:
+        first = asyncio.ensure_future(batcher(requests[0]))
+        await asyncio.sleep(0.2)  # its call has started (and waits at the barrier)
+        return await asyncio.gather(first, batcher(requests[1]))
+
+    for request, answer in zip(requests, asyncio.run(main()), strict=True):
+        np.testing.assert_array_equal(answer[0], request[0] + 1)
+    assert len(threads) == 2 and not barrier.broken
+
+
 def test_past_the_latency_budget_requests_are_refused_and_later_ones_served():
     model = Model(seconds=0.3)
     batcher = GreedyBatcher(model, max_batch_size=2, max_latency_s=0.2)

@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -27,8 +28,9 @@ from mri_platform.metrics import psnr_per_image
 from mri_platform.models import ModelConfig, build_model
 from mri_platform.noise import NoiseConfig, fixed_noisy
 from service import imaging
+from service.admission import Cancelled
 from service.batcher import BATCH_METRIC
-from service.denoiser import PASS_ACTIVATIONS, Denoiser, configure_threads, tile_spans
+from service.denoiser import PASS_ACTIVATIONS, Denoiser, configure_threads, default_passes, tile_spans, usable_cores
 from service.imaging import InputError, Limits
 
 EXAMPLE_4D = resources.files("nibabel") / "tests/data/example4d.nii.gz"
@@ -142,6 +144,36 @@ def test_memory_is_bounded_by_the_tile_whatever_the_image_size(native_checkpoint
     assert "in tiles of 128 x 128" in denoiser.explain(600, 520)
 
 
+def test_passes_run_side_by_side_and_give_what_one_at_a_time_gives(native_checkpoint, t1_slice):
+    """With passes=2 (the service's default on 2 cores) one call runs two of its passes at once, urgent or bulk,
+    tiled or whole, and the slices come back as one pass at a time gives them; bulk work past its deadline stops."""
+    one = Denoiser(native_checkpoint, tile=128, overlap=32, pass_pixels=128 * 128)
+    two = Denoiser(native_checkpoint, tile=128, overlap=32, pass_pixels=128 * 128, passes=2)
+    assert two.describe()["passes"] == 2 and two.gate.passes == 2
+    running, most, lock, forward = [0], [0], threading.Lock(), two._pass
+
+    def counted(batch: np.ndarray) -> np.ndarray:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.02)  # long enough for the other pass to start
+            return forward(batch)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    two._pass = counted
+    big = _noisy(t1_slice[None])  # 256 x 256 in 3 x 3 tiles of 128, one tile a pass
+    small = np.stack([imaging.resize(t1_slice, (64, 64))] * 9)  # 9 slices of 64 x 64, 4 a pass
+    for images in (big, small):
+        for bulk in (False, True):
+            np.testing.assert_allclose(two(images, bulk=bulk), one(images, bulk=bulk), atol=1e-5)
+    assert most[0] == 2
+    with pytest.raises(Cancelled):
+        two(big, bulk=True, deadline=time.monotonic() - 1)
+
+
 def test_a_forward_pass_holds_as_many_slices_as_the_models_width_lets_fit(tmp_path, native_checkpoint, held_out):
     """A pass holds PASS_ACTIVATIONS values of the full-resolution feature maps: 16 slices of 64 x 64 for AE1, 4 for
     AE2 (4x as wide), and at least one tile for a native model; a smaller pass than one slice is refused."""
@@ -204,7 +236,12 @@ def test_forward_threads_follow_a_containers_cpu_limit_not_the_nodes_cores(tmp_p
     before = torch.get_num_threads()
     try:
         cores = len(os.sched_getaffinity(0))
-        assert configure_threads(cgroup=tmp_path) == min(threads or cores, cores) == torch.get_num_threads()
+        usable = min(threads or cores, cores)
+        assert usable_cores(tmp_path) == usable
+        assert configure_threads(cgroup=tmp_path) == usable == torch.get_num_threads()  # one pass on every core
+        assert default_passes("cpu", tmp_path) == usable  # the service's default: a pass per core ...
+        assert configure_threads(cgroup=tmp_path, passes=usable) == 1 == torch.get_num_threads()  # ... of one thread
+        assert default_passes("cuda", tmp_path) == 1
         assert configure_threads(3, cgroup=tmp_path) == 3  # MRI_SERVICE_TORCH_THREADS wins
     finally:
         torch.set_num_threads(before)

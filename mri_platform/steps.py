@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mri_platform import heap
 from mri_platform.metrics import mse_per_image, psnr_per_image, ssim_per_image, summarize
 from mri_platform.noise import NoiseConfig, add_noise
 
@@ -51,11 +52,15 @@ def grad_scaler(amp_dtype: torch.dtype | None, device: torch.device) -> torch.am
 
 
 def prepare_device(device: torch.device) -> None:
-    """Per-process settings for fast training on `device`: cuDNN picks the fastest convolution for each input shape
-    (the shapes repeat every step: fixed patches or slices)."""
+    """Per-process settings for fast training on `device`: on a GPU, cuDNN picks the fastest convolution for each
+    input shape (the shapes repeat every step: fixed patches or slices); on a CPU, glibc keeps each step's
+    activations and gradients in its heap for the next step instead of mapping and zeroing them anew
+    (:func:`mri_platform.heap.keep_training_memory`: AE1 1.3x faster per worker, the U-Net 1.2x)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
+    else:
+        heap.keep_training_memory()
 
 
 def train_step(

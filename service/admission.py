@@ -31,6 +31,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mri_platform import heap
+
 logger = logging.getLogger("mri_service")
 
 
@@ -302,19 +304,7 @@ class Admission:
 # ------------------------------------------------------------------------------------------------- memory
 
 
-def _libc() -> Any:
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None  # glibc only
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = heap.M_TRIM_THRESHOLD, heap.M_MMAP_THRESHOLD
 
 
 def return_freed_memory(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 64 * 2**20) -> bool:
@@ -329,19 +319,12 @@ def return_freed_memory(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 
     4 MiB before, with the trim threshold left pinned: AE2 in passes of 4 slices ran 142-174 slices/s in one process
     against 240-272 without any setting and 243-262 with these (2 cores, bf16). :func:`trim_memory`, after every
     image and volume, gives the free pages back. False where the C library is not glibc."""
-    libc = _libc()
-    return bool(
-        libc is not None
-        and libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
-        and libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
-    )
+    return heap.mallopt((M_MMAP_THRESHOLD, mmap_threshold), (M_TRIM_THRESHOLD, trim_threshold))
 
 
 def trim_memory() -> None:
     """Return the free pages at the top of glibc's heaps to the system (after a big request)."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    heap.trim()
 
 
 # --------------------------------------------------------------------------------------------- connections

@@ -40,7 +40,7 @@ from mri_platform.data import intensity_window
 from mri_platform.metrics import psnr_per_image, ssim_per_image
 from mri_platform.noise import fixed_noisy
 from service import imaging
-from service.denoiser import Denoiser, configure_threads
+from service.denoiser import Denoiser, configure_threads, default_passes
 
 ROOT = Path(__file__).resolve().parent.parent
 """Where `bentoml serve` runs, so that it imports the service from this checkout."""
@@ -226,18 +226,20 @@ def main() -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        help="torch threads in this process (default: every core, as the service); 1 gives steadier figures on a "
-        "machine busy with other work, where 2 threads on 2 shared cores stalled up to 40x",
+        help="torch threads of a forward pass (default: the cores shared among the passes, as the service); 1 gives "
+        "steadier figures on a machine busy with other work, where 2 threads on 2 shared cores stalled up to 40x",
+    )
+    parser.add_argument(
+        "--passes", type=int, default=0, help="forward passes at once (default: the service's, one per core)"
     )
     parser.add_argument("--no-serve", action="store_true", help="skip the real `bentoml serve` request")
     args = parser.parse_args()
     began = time.perf_counter()
     checkpoint = args.checkpoint / "checkpoint.pt" if args.checkpoint.is_dir() else args.checkpoint
-    threads = configure_threads()  # as the service does
-    if args.threads:
-        torch.set_num_threads(threads := args.threads)
-    native = Denoiser(checkpoint, args.precision, native=True)
-    round_trip = Denoiser(checkpoint, args.precision, native=False, size=ROUND_TRIP)
+    passes = args.passes or default_passes("cpu")
+    threads = configure_threads(args.threads or 0, passes=passes)  # as the service does
+    native = Denoiser(checkpoint, args.precision, native=True, passes=passes)
+    round_trip = Denoiser(checkpoint, args.precision, native=False, size=ROUND_TRIP, passes=passes)
     served_as = Denoiser(checkpoint, args.precision).resolution
     sources = load_sources(args.per_volume)
     busy, own, started = _busy_cpu(), time.process_time(), time.perf_counter()
@@ -248,8 +250,8 @@ def main() -> None:
         f"checkpoint {checkpoint}: {config['name']} ({native.architecture}, {config['filters']} filters), trained "
         f"against {native.noise.describe()} on {native.meta.get('data', {})}; the service serves it "
         f"{'at native resolution' if served_as == 'native' else served_as}. Column (c) applies it natively, in tiles "
-        f"of {native.tile} x {native.tile} (overlap {native.overlap}) above that; {threads} torch threads, "
-        f"{args.precision}."
+        f"of {native.tile} x {native.tile} (overlap {native.overlap}) above that; {passes} forward pass(es) at once "
+        f"of {threads} torch thread(s) each, {args.precision}."
     )
     print_table(rows)
     print(f"\nother processes used {other:.2f} of {psutil.cpu_count()} cores meanwhile", end="")

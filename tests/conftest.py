@@ -122,12 +122,20 @@ def built_bento(state_dir: Callable[[str], Path], native_model) -> dict:
 def bento_server(built_bento: dict, state_dir: Callable[[str], Path]) -> Iterator[Service]:
     """`bentoml serve` of the built Bento on a free port of 127.0.0.1 (one worker, batching on), with header and
     body timeouts of 3 s instead of 10 so that the tests of stalled clients are short. In fp32, so that its answers
-    equal the model's in-process to 1e-4; the default precision, 'auto', is tested in-process (test_service.py)."""
+    equal the model's in-process to 1e-4; the default precision, 'auto', is tested in-process (test_service.py). A
+    latency budget of 30 s instead of 3: the tests that send 40 concurrent requests check their answers, and on a
+    machine busy with other work (a `make demo` beside `make test`) 4 of 40 once waited 8 s and got the budget's 503;
+    the budget itself is tested in-process (test_batcher.py, test_binary.py)."""
     service = servers.start_bento(
         state_dir("bento-serve"),
         built_bento["tag"],
         bentoml_home=built_bento["bentoml_home"],
-        env={"MRI_SERVICE_HEADER_S": "3", "MRI_SERVICE_BODY_IDLE_S": "3", "MRI_SERVICE_PRECISION": "fp32"},
+        env={
+            "MRI_SERVICE_HEADER_S": "3",
+            "MRI_SERVICE_BODY_IDLE_S": "3",
+            "MRI_SERVICE_PRECISION": "fp32",
+            "MRI_SERVICE_MAX_LATENCY_MS": "30000",
+        },
     )
     yield service
     supervisor.stop(service)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from service.admission import Admission, AdmissionSettings, Cancelled, LaneLimit, ModelGate, release_request_timers
+from service.denoiser import usable_cores
 from service.errors import Refusals
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -347,6 +348,7 @@ def test_info_states_the_work_ceiling_and_the_lanes(bento_server):
     assert limits["max_volume_voxels"] <= work["configured"]["max_volume_voxels"]
     assert serving["concurrency"]["/denoise_volume"] == {"running": 1, "waiting": 63}
     assert serving["connections"]["header_s"] > 0
+    assert serving["passes"] == usable_cores() and serving["threads"] == 1  # by default a pass per core, 1 thread
 
 
 def test_slow_and_silent_sockets_are_dropped_and_lock_no_one_out(bento_server):

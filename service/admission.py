@@ -304,9 +304,6 @@ class Admission:
 # ------------------------------------------------------------------------------------------------- memory
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = heap.M_TRIM_THRESHOLD, heap.M_MMAP_THRESHOLD
-
-
 def return_freed_memory(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 64 * 2**20) -> bool:
     """Have glibc give big freed blocks back to the system, and keep the forward passes' arrays in its heap.
 
@@ -319,7 +316,7 @@ def return_freed_memory(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 
     4 MiB before, with the trim threshold left pinned: AE2 in passes of 4 slices ran 142-174 slices/s in one process
     against 240-272 without any setting and 243-262 with these (2 cores, bf16). :func:`trim_memory`, after every
     image and volume, gives the free pages back. False where the C library is not glibc."""
-    return heap.mallopt((M_MMAP_THRESHOLD, mmap_threshold), (M_TRIM_THRESHOLD, trim_threshold))
+    return heap.mallopt((heap.M_MMAP_THRESHOLD, mmap_threshold), (heap.M_TRIM_THRESHOLD, trim_threshold))
 
 
 def trim_memory() -> None:

@@ -139,7 +139,7 @@ class EpochLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = int(metrics.get("ended_ms") or time.time() * 1000)  # the epoch's own: a repeated try is idempotent
         values = [Metric(k, float(metrics[k]), now, step) for k in EPOCH_METRICS if k in metrics]
         self.client.log_batch(self.run_id, metrics=values)
 

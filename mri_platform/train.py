@@ -147,6 +147,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 f"{metrics['images_per_s']:6.0f} img/s  {metrics['epoch_time_s']:5.1f} s\n"
             )
             sys.__stdout__.flush()
+            # One timestamp per epoch for every try to log it (the controller's, its retries, the driver's fill-in):
+            # MLflow keeps one of identical points, so a try whose answer was lost cannot add a second one.
+            metrics["ended_ms"] = int(time.time() * 1000)
             history.append(metrics)  # in the checkpoint: the driver fills in what MLflow missed
             with tempfile.TemporaryDirectory() as folder:
                 save_checkpoint(

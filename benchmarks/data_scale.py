@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -138,6 +139,7 @@ def main() -> None:
                     print(rows[-1], flush=True)
     finally:
         supervisor.stop(s3, timeout=3)
+        shutil.rmtree(work, ignore_errors=True)  # the cohorts, S3's files and Ray's session: ~375 MB at 200 volumes
 
     cells: dict[tuple[int, str], list[dict]] = {}
     for r in rows:

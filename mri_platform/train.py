@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from mri_platform import heap
 from mri_platform.checkpoints import FILENAME, load_checkpoint, save_checkpoint
 from mri_platform.cluster import init_ray
 from mri_platform.config import TrainConfig, state_dir
@@ -340,6 +341,7 @@ def fit(
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures, controller_failure_limit=10),
             callbacks=[recorder, *(callbacks or [])],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # per-epoch lines are ours
+            worker_runtime_env={} if config.gpu else {"env_vars": heap.training_worker_env()},
         ),
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if config.gpu else "gloo"),
     )

@@ -41,6 +41,11 @@ def mallopt(*settings: tuple[int, int]) -> bool:
     return found is not None and all(found.mallopt(parameter, value) for parameter, value in settings)
 
 
+def _left_to_glibc() -> bool:
+    """MRI_PLATFORM_MALLOC=default: training processes keep glibc's own malloc settings."""
+    return os.environ.get("MRI_PLATFORM_MALLOC", "").strip().lower() == "default"
+
+
 def keep_training_memory() -> bool:
     """For a training process on the CPU: every allocation from the heap (no mmap), and the heap's free top kept up
     to `TRAINING_TRIM_THRESHOLD`, so that each step reuses the memory of the step before.
@@ -49,7 +54,7 @@ def keep_training_memory() -> bool:
     img/s with glibc's defaults against 197-203 with these settings (0.96-1.32 M page faults against 0.14 M); the
     U-Net (32) 77-83 against 93-98. The process keeps its peak step's memory for its life, which a worker that only
     trains does anyway. Off with MRI_PLATFORM_MALLOC=default. False where nothing was set."""
-    if os.environ.get("MRI_PLATFORM_MALLOC", "").strip().lower() == "default":
+    if _left_to_glibc():
         return False
     return mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRAINING_TRIM_THRESHOLD))
 
@@ -62,9 +67,7 @@ def training_worker_env() -> dict[str, str]:
     in a thread, one process each: fp32, 3 processes in 8 faulted 2,500-24,000 times a step (the others under 1),
     against at most 1,636 with one arena in 6; bf16, 2 in 6 at ~6,800 a step and 305 img/s against 400, none of 5
     with one arena. Empty with MRI_PLATFORM_MALLOC=default."""
-    if os.environ.get("MRI_PLATFORM_MALLOC", "").strip().lower() == "default":
-        return {}
-    return {"MALLOC_ARENA_MAX": "1"}
+    return {} if _left_to_glibc() else {"MALLOC_ARENA_MAX": "1"}
 
 
 def trim() -> None:

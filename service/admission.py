@@ -314,14 +314,9 @@ def return_freed_memory(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 
     ``trim_threshold`` free at its top, and a pass's arrays (at most 16 MiB each: ``PASS_ACTIVATIONS`` values in
     fp32) are reused rather than mapped, zeroed by the kernel and unmapped again on every pass. The threshold was
     4 MiB before, with the trim threshold left pinned: AE2 in passes of 4 slices ran 142-174 slices/s in one process
-    against 240-272 without any setting and 243-262 with these (2 cores, bf16). :func:`trim_memory`, after every
-    image and volume, gives the free pages back. False where the C library is not glibc."""
+    against 240-272 without any setting and 243-262 with these (2 cores, bf16). :func:`mri_platform.heap.trim`, after
+    every image and volume, gives the free pages back. False where the C library is not glibc."""
     return heap.mallopt((heap.M_MMAP_THRESHOLD, mmap_threshold), (heap.M_TRIM_THRESHOLD, trim_threshold))
-
-
-def trim_memory() -> None:
-    """Return the free pages at the top of glibc's heaps to the system (after a big request)."""
-    heap.trim()
 
 
 # --------------------------------------------------------------------------------------------- connections

@@ -63,6 +63,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from mri_platform import heap
 from service import binary, errors, imaging
 from service.admission import (
     Admission,
@@ -72,7 +73,6 @@ from service.admission import (
     arm_header_timeout,
     release_request_timers,
     return_freed_memory,
-    trim_memory,
 )
 from service.batcher import GreedyBatcher, batch_histogram
 from service.build import BENTO_NAME, MODEL_ENV, MODEL_NAME
@@ -514,7 +514,7 @@ class MRIDenoiser:
             deadline = time.monotonic() + SETTINGS.work_seconds
             return self.denoiser(slices, bulk=True, deadline=deadline, cancelled=getattr(_work, "cancelled", None))
         finally:
-            trim_memory()
+            heap.trim()  # the big request's free pages back to the system
 
     def _too_long(self, what: str) -> Response:
         return JSONResponse(

@@ -7,7 +7,12 @@
   Batch norm stays: without it the stack barely learned at this noise (loss 0.107 -> 0.106 in 80 steps, against
   0.155 -> 0.068 with it; measured on the built-in patches).
 - ``unet``: a small residual U-Net in the manner of DRUNet: residual blocks at each level, strided convolutions
-  down, transposed convolutions up, additive skips, and the noise predicted and subtracted.
+  down, transposed convolutions up, additive skips, and the noise predicted and subtracted. Four levels of 16, 32,
+  64 and 128 filters by default (870,977 parameters). It replaced three levels of 32, 64 and 128 (857,857): about
+  the same parameters, but 2.5x the training images/s on a CPU (its full-resolution level, where most of the work
+  is, is half as wide) and a receptive field twice as large, which at this noise (std 0.45) is what pays.
+  Measured on the built-in data: 21.06 and 21.08 dB on the held-out slices (two seeds) against 20.75 and 20.70 for
+  three levels, each in the same 2.3 minutes of training (1,600 against 640 steps of 32).
 
 Every network is fully convolutional: it pads any H x W to its stride and crops back, so a model trained on
 64 x 64 slices or patches applies to a 256 x 256 slice as it is. `ModelConfig` rebuilds any of them, and is what
@@ -28,7 +33,7 @@ NAMED = {
     "ae1": ("autoencoder", 64, 2),
     "ae2": ("autoencoder", 256, 2),
     "dncnn": ("dncnn", 64, 15),
-    "unet": ("unet", 32, 3),
+    "unet": ("unet", 16, 4),
 }
 PRESET_FILTERS = {name: width for name, (_, width, _) in NAMED.items()}
 REPORT_MODELS = ("ae1", "ae2")

@@ -58,9 +58,9 @@ CGROUP = Path("/sys/fs/cgroup")
 TILE = 256
 """Default side of the largest slice passed whole; bigger slices are tiled (MRI_SERVICE_TILE)."""
 OVERLAP = 32
-"""Default overlap of neighbouring tiles in pixels (MRI_SERVICE_TILE_OVERLAP): every kept pixel is at least 16 px
-from a cut edge. Tiled output then differs from whole-image output by 1e-3 on average (67 dB) for a small U-Net;
-64 px makes them identical for it, at (256 / 192)^2 = 1.8x the work of an untiled image instead of 1.3x."""
+"""Smallest default overlap of neighbouring tiles in pixels: every kept pixel is at least 16 px from a cut edge.
+A model's own default (`default_overlap`) grows with its stride; MRI_SERVICE_TILE_OVERLAP sets one for all."""
+
 PASS_ACTIVATIONS = 2**22
 """Most values of the model's full-resolution feature maps (its width x the pixels) in one forward pass on a CPU:
 bigger passes are slower per pixel once the activations outgrow the caches (8 MB in bf16, a quarter of this
@@ -72,6 +72,17 @@ cores (AMD EPYC, bf16), slices/s at 4 / 8 / 16 / 32 slices a pass: AE1 2144-2303
 of one tile (AE1, U-Net)."""
 PASS_PIXELS_CUDA = 16 * 256 * 256
 """Most pixels in one forward pass on a GPU, which runs bigger batches faster."""
+
+
+def default_overlap(stride: int) -> int:
+    """Tile overlap for a model of this stride: 8 px per unit, at least `OVERLAP` (32 for a 3-level U-Net or DnCNN,
+    64 for the 4-level U-Net), because each level down doubles how far a pixel's output reaches.
+
+    Measured on a real 256 x 256 T1 slice in tiles of 128, tiled output against whole-image output: 3-level U-Net
+    (32 filters) 77 dB at 32 px, 111 at 48; 4-level (16 filters) 56 dB at 32 px, 65 at 48, 70 at 64. Against the
+    clean slice every overlap scored within 0.005 dB of the whole image. In the service's tiles of 256 an image
+    costs about (256 / 192)^2 = 1.8x the work of untiled inference at 64 px, (256 / 224)^2 = 1.3x at 32."""
+    return max(OVERLAP, 8 * stride)
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -116,7 +127,7 @@ class Denoiser:
         device: str | None = None,
         *,
         tile: int = TILE,
-        overlap: int = OVERLAP,
+        overlap: int | None = None,
         pass_pixels: int | None = None,
         native: bool | None = None,
         size: int | None = None,
@@ -125,15 +136,17 @@ class Denoiser:
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        path = Path(checkpoint)
+        if path.is_dir():
+            path = path / FILENAME
+        self.model, self.meta = load_checkpoint(path)
+        if overlap is None:
+            overlap = min(default_overlap(self.model.config.stride), tile // 2)
         if tile < 32 or not 0 <= overlap <= tile // 2:
             raise ValueError(
                 f"tile {tile} with overlap {overlap} is not usable: the tile must be at least 32 pixels and the "
                 "overlap between 0 and half the tile (MRI_SERVICE_TILE, MRI_SERVICE_TILE_OVERLAP)"
             )
-        path = Path(checkpoint)
-        if path.is_dir():
-            path = path / FILENAME
-        self.model, self.meta = load_checkpoint(path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.native = applies_natively(self.meta) if native is None else native
         self.size = size or trained_size(self.meta)

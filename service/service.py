@@ -76,7 +76,7 @@ from service.admission import (
 )
 from service.batcher import GreedyBatcher, batch_histogram
 from service.build import BENTO_NAME, MODEL_ENV, MODEL_NAME
-from service.denoiser import OVERLAP, TILE, Denoiser, configure_threads, default_passes
+from service.denoiser import TILE, Denoiser, configure_threads, default_passes
 from service.imaging import InputError, Limits
 from service.openapi import OpenAPIErrors
 
@@ -86,7 +86,7 @@ PREVIEW_MAX_SIDE = 512
 /denoise_image and /denoise_volume are never capped."""
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int | None) -> int | None:
     value = os.environ.get(name)
     if value is None or value == "":
         return default
@@ -128,8 +128,9 @@ class Settings:
     tile: int = TILE
     """MRI_SERVICE_TILE: a native model denoises slices up to tile x tile whole, bigger ones in tiles of that size
     (bounds the memory of a forward pass)."""
-    tile_overlap: int = OVERLAP
-    """MRI_SERVICE_TILE_OVERLAP: pixels shared by neighbouring tiles; each keeps the half away from its edge."""
+    tile_overlap: int | None = None
+    """MRI_SERVICE_TILE_OVERLAP: pixels shared by neighbouring tiles; each keeps the half away from its edge. None:
+    the model's own (`denoiser.default_overlap`: 64 px for the 4-level U-Net, 32 for smaller strides)."""
     limits: Limits = field(default_factory=Limits)
     """MRI_SERVICE_MAX_REQUEST_MB, MRI_SERVICE_MAX_IMAGE_PIXELS, MRI_SERVICE_MAX_SLICES, MRI_SERVICE_MAX_VOXELS: upper
     bounds; the service lowers the image and volume limits to what its work ceiling allows (see ``work_limits``)."""

@@ -30,7 +30,7 @@ def test_default_space_covers_the_zoo_with_a_width_range_per_model_and_the_repor
     config = SearchConfig()
     assert config.epochs == (50, 70)
     candidates = config.candidates()
-    assert {"unet:16", "unet:32", "unet:48", "dncnn:64", "ae1:64"} <= set(candidates)
+    assert {"unet:8", "unet:16", "unet:24", "dncnn:64", "ae1:64"} <= set(candidates)
     assert {parse_candidate(c)[0] for c in candidates} == {"unet", "dncnn", "ae1"}
     assert SearchConfig(models=["ae1", "ae2"], filters=[64, 256]).candidates() == ["ae1:64", "ae1:256", "ae2:64",
                                                                                   "ae2:256"]  # fmt: skip

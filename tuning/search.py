@@ -35,7 +35,7 @@ class SearchConfig:
     """Models of the zoo to choose from (see `mri_platform.models`)."""
     filters: list[int] | None = None
     """Widths to choose from for every model; None: each model's default width x 0.5, 1 and 1.5 (the U-Net's
-    default is 32, DnCNN's and AE1's 64, AE2's 256)."""
+    default is 16, DnCNN's and AE1's 64, AE2's 256)."""
     epochs: tuple[int, int] = (50, 70)
     """Inclusive range of epochs to draw from (the report trained 50 and 70)."""
     lr: tuple[float, float] = (3e-4, 3e-3)
@@ -132,7 +132,7 @@ def build_search(preset: str | None = None, **overrides: Any) -> SearchConfig:
 
 
 def parse_candidate(choice: str) -> tuple[str, int]:
-    """'unet:32' -> ('unet', 32)."""
+    """'unet:16' -> ('unet', 16)."""
     model, _, width = str(choice).partition(":")
     ModelConfig.named(model, int(width))  # refuses a model or width the zoo cannot build
     return model, int(width)

@@ -42,7 +42,8 @@ def run_demo(
     sweep = None
     if search_preset:
         print(f"\n== search ({search_preset} preset): model, width, epochs and learning rate with Ray Tune ==")
-        sweep = run_search(build_search(search_preset), {"tracking_uri": uri}, registered_model=config.registered_model)
+        sweep = run_search(build_search(search_preset), {"tracking_uri": uri}, registered_model=config.registered_model,
+                           gate_slices=held_out)  # fmt: skip
         print_table(sweep)
     print("\n== classical filters, tuned on the training slices, on the same held-out slices ==", flush=True)
     classical = baseline_scores(held_out, config.noise, EVAL_SEED, tune_on=train_set, variants="best")

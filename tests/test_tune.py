@@ -8,9 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mri_platform import supervisor, tracking
+from mri_platform.data import load_builtin
 from tuning.search import PRESET_DIR, SearchConfig, _concurrency, build_search, run_search
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +92,9 @@ def test_sweep_stops_bad_trials_nests_runs_and_crowns_the_best(local_ray, tmp_pa
     # Width 2 is hopeless next to 32; one trial at a time makes ASHA's decisions follow the seeded order.
     search = SearchConfig(models=["ae1"], filters=[2, 32], samples=4, max_concurrent=1, search="random", seed=3,
                           **SMALL)  # fmt: skip
-    summary = run_search(search, {"tracking_uri": uri, "storage": str(tmp_path / "ckpt")}, name="sweep-a")
+    gate = load_builtin(64)[1].subset(np.arange(8))  # the champion gate scores on these, not the trials' own split
+    summary = run_search(search, {"tracking_uri": uri, "storage": str(tmp_path / "ckpt")}, name="sweep-a",
+                         gate_slices=gate)  # fmt: skip
 
     assert summary["n_trials"] == 4 and summary["n_failed"] == 0
     assert summary["n_stopped_early"] >= 1
@@ -98,6 +102,8 @@ def test_sweep_stops_bad_trials_nests_runs_and_crowns_the_best(local_ray, tmp_pa
     assert all(t["epochs_run"] < 4 for t in stopped)
     assert summary["best_config"]["filters"] == 32 and summary["best_config"]["model"] == "ae1"
     assert summary["champion_version"] == summary["registered_version"] == "1"  # no champion before: it takes it
+    assert summary["promotion"]["n_images"] == 8  # scored on the 8 gate slices, not the trial's 59
+    assert abs(summary["promotion"]["scores"]["1"]["psnr"] - summary["best_scores"]["psnr"]) > 1e-6
 
     client = tracking.client(uri)
     parent = client.get_run(summary["parent_run_id"])

@@ -172,8 +172,10 @@ def print_table(rows: list[Row]) -> None:
 
 
 @contextlib.contextmanager
-def served(checkpoint: Path, folder: Path):
-    """`bentoml serve` of the service with this checkpoint stored as a BentoML model; yields its URL."""
+def served(checkpoint: Path, folder: Path, precision: str):
+    """`bentoml serve` of the service with this checkpoint stored as a BentoML model, computing in `precision` as the
+    in-process `Denoiser` does (the service's own default, 'auto', is bf16 on a CPU with native bf16); yields its
+    URL."""
     os.environ["BENTOML_HOME"] = str(folder / "bentoml")  # read when BentoML is first imported, below
     os.environ["BENTOML_DO_NOT_TRACK"] = "true"
     import bentoml
@@ -186,7 +188,7 @@ def served(checkpoint: Path, folder: Path):
         shutil.copy2(checkpoint, Path(stored.path) / "checkpoint.pt")
     server = start_bento(
         folder / "serve", "service.service:MRIDenoiser", bentoml_home=folder / "bentoml",
-        env={"MRI_SERVICE_MODEL": tag}, cwd=ROOT,
+        env={"MRI_SERVICE_MODEL": tag, "MRI_SERVICE_PRECISION": precision}, cwd=ROOT,
     )  # fmt: skip
     try:
         yield server.url
@@ -198,7 +200,10 @@ def serve_once(checkpoint: Path, clean: np.ndarray, native: Denoiser, repeats: i
     noisy = fixed_noisy(torch.from_numpy(clean)[None, None], native.noise, SEED).clamp(0, 1)[0, 0].numpy()
     body = json.dumps({"slices": noisy.tolist()}).encode()
     expected = native(noisy[None])
-    with tempfile.TemporaryDirectory(prefix="serve-native-") as tmp, served(checkpoint, Path(tmp)) as url:
+    with (
+        tempfile.TemporaryDirectory(prefix="serve-native-") as tmp,
+        served(checkpoint, Path(tmp), native.precision) as url,
+    ):
         with urllib.request.urlopen(f"{url}/info", timeout=30) as response:
             info = json.load(response)
         best, answer = float("inf"), None

@@ -53,7 +53,7 @@ def test_two_workers_train_log_checkpoint_and_register(local_ray, tmp_path):
 
 
 def test_a_unet_learns_from_patches_of_native_slices_and_applies_at_any_size(local_ray, tmp_path):
-    config = tiny(tmp_path, model="unet", filters=8, epochs=3, steps_per_epoch=6, size="native", patch=32,
+    config = tiny(tmp_path, model="unet", filters=16, epochs=3, steps_per_epoch=6, size="native", patch=32,
                   registered_model="")  # fmt: skip
     result = fit(config)
 

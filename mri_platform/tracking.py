@@ -225,6 +225,14 @@ def log_model(
     return info.model_uri, version
 
 
+def _scored_on(config: TrainConfig) -> str:
+    """What the run's held-out PSNR / SSIM were measured on: the gate and `make demo` score at 64 x 64, a native
+    run's own figure is at each slice's own size, and the two differ."""
+    size = "each slice's own size" if config.size == "native" else f"{config.size} x {config.size}"
+    source = "the built-in data" if config.data in (None, "builtin") else config.data
+    return f"held-out split of {source} at {size}, {config.noise.describe()}"
+
+
 def _describe_version(uri: str, config: TrainConfig, version: str, scores: dict[str, float], run_id: str) -> None:
     mlflow_client = client(uri)
     tags = {
@@ -240,6 +248,7 @@ def _describe_version(uri: str, config: TrainConfig, version: str, scores: dict[
         "data_source": config.data,
         "psnr": f"{scores['psnr']:.3f}",
         "ssim": f"{scores['ssim']:.4f}",
+        "scored_on": _scored_on(config),
         "run_id": run_id,
     }
     for key, value in tags.items():

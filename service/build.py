@@ -97,6 +97,7 @@ def import_model(model_uri: str = "models:/mri-denoiser@champion", tracking_uri:
         "noise": payload["noise"],
         "psnr": float(tags["psnr"]) if "psnr" in tags else None,
         "ssim": float(tags["ssim"]) if "ssim" in tags else None,
+        "scored_on": tags.get("scored_on"),  # what psnr / ssim were measured on (the run's own held-out split)
         "description": details.description or "",
     }
     metadata = {k: v for k, v in metadata.items() if v is not None}  # BentoML refuses None: leave the key out

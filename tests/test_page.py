@@ -48,6 +48,7 @@ def test_page_shows_original_noisy_and_denoised_with_scores(browser, bento_serve
     info = browser.find_element("id", "model-info").text
     assert f"models:/mri-denoiser/{built_bento['version']}" in info and "UNET, 8 filters" in info
     assert "Denoises every image at its own resolution (in tiles of 256 x 256 above that)" in info
+    assert "SSIM" in info and "(held-out split of the built-in data at 64 x 64)" in info  # what the score means
     for element_id in ("original", "noisy", "denoised"):  # the served U-Net works at the upload's own size
         assert browser.find_element("id", element_id).is_displayed()
         assert _natural_width(browser, element_id) == 256

@@ -226,11 +226,11 @@ def log_model(
 
 
 def _scored_on(config: TrainConfig) -> str:
-    """What the run's held-out PSNR / SSIM were measured on: a native run's own figure is at each slice's own size,
-    `make demo`'s table and gate score at 64 x 64, and the two differ."""
+    """What the run's held-out PSNR / SSIM were measured on (the noise is the model's own, tagged beside it): a native
+    run's own figure is at each slice's own size, `make demo`'s table and gate score at 64 x 64, and the two differ."""
     size = "each slice's own size" if config.size == "native" else f"{config.size} x {config.size}"
     source = "the built-in data" if config.data in (None, "builtin") else config.data
-    return f"held-out split of {source} at {size}, {config.noise.describe()}"
+    return f"held-out split of {source} at {size}"
 
 
 def _describe_version(uri: str, config: TrainConfig, version: str, scores: dict[str, float], run_id: str) -> None:
